@@ -1,0 +1,33 @@
+"""Models that work offline, by short name: ``zoo:<name>`` (see :data:`ZOO`).
+
+Each zoo module registers a loader ``(device, **kwargs) -> Backbone`` in :data:`ZOO` when imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from amp.models import Backbone, ModelSpecError, register_source
+
+ZOO: dict[str, Callable[..., Backbone]] = {}
+_ZOO_MODULES = ("amp.zoo.tiny_clip", "amp.zoo.dinov2_s")
+
+
+def register_zoo_model(name: str, loader: Callable[..., Backbone]) -> None:
+    ZOO[name] = loader
+
+
+def _load_zoo(rest: str, device: str, **kwargs) -> Backbone:
+    for module in _ZOO_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:  # a missing dependency inside the module is a real error
+                raise
+    if rest not in ZOO:
+        raise ModelSpecError(f"unknown zoo model {rest!r}; available: {sorted(ZOO)}")
+    return ZOO[rest](device=device, **kwargs)
+
+
+register_source("zoo", _load_zoo)
