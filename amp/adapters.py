@@ -142,7 +142,7 @@ def describe_mlp(index: int, name: str, mlp: nn.Module) -> MLPSite:
 class _SkipBlock(nn.Module):
     """Stands in for a block whose output is already cached; passes its input through."""
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: ARG002
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return x
 
 
@@ -192,9 +192,7 @@ class BackboneAdapter:
 
     def sites(self, model: nn.Module) -> list[MLPSite]:
         prefix = self.block_prefix(model)
-        return [
-            describe_mlp(i, f"{prefix}.{i}.mlp", self.mlp_of(block)) for i, block in enumerate(self.blocks(model))
-        ]
+        return [describe_mlp(i, f"{prefix}.{i}.mlp", self.mlp_of(block)) for i, block in enumerate(self.blocks(model))]
 
     def block_input(self, model: nn.Module, images: torch.Tensor, layer: int) -> torch.Tensor:
         """The input of block ``layer`` (blocks before it run as they are)."""

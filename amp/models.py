@@ -1,4 +1,4 @@
-"""Models by name: ``open_clip:<arch>[:<tag or file>]``, ``timm:<name>[:<file>]``, ``zoo:<name>``, or a pruned-model dir.
+"""Models by name: ``open_clip:<arch>[:<tag or file>]``, ``timm:<name>[:<file>]``, ``zoo:<name>``, a pruned dir.
 
 Every loader returns a :class:`Backbone`: the model plus what amp needs around it (its adapter,
 its image transform, its tokenizer for CLIP models, and an *architecture record* from which
@@ -80,11 +80,32 @@ ARCH_BUILDERS: dict[str, Callable[[str, dict, str | torch.device], nn.Module]] =
 
 def build_architecture(arch: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
     """The network described by an architecture record, randomly initialised (or shapes only on ``meta``)."""
+    import amp.zoo
+
+    amp.zoo.import_zoo_modules()
     family = arch["family"]
     if family not in ARCH_BUILDERS:
         raise ModelSpecError(f"unknown architecture family {family!r}; known: {sorted(ARCH_BUILDERS)}")
     model = ARCH_BUILDERS[family](arch["name"], dict(arch.get("kwargs", {})), device)
     return model.eval()
+
+
+def preprocess_for(arch: dict[str, Any], model: nn.Module) -> tuple[Callable | None, Callable | None]:
+    """The eval image transform and (for CLIP models) the tokenizer of an architecture, without its weights."""
+    if arch["family"] == "open_clip":
+        import open_clip
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        visual = adapter_for(model).vision(model)
+        cfg = PreprocessCfg(**getattr(visual, "preprocess_cfg", {}))
+        tokenizer = open_clip.get_tokenizer(arch["name"]) if hasattr(model, "encode_text") else None
+        return image_transform_v2(cfg, is_train=False), tokenizer
+    if arch["family"] == "timm":
+        from timm.data import create_transform, resolve_data_config
+
+        input_size = adapter_for(model).input_size(model)
+        return create_transform(**resolve_data_config({"input_size": input_size}, model=model)), None
+    return None, None
 
 
 # --- loaders by source ------------------------------------------------------------------------
@@ -121,7 +142,6 @@ def _load_open_clip(rest: str, device: str, **kwargs) -> Backbone:
 def _load_timm(rest: str, device: str, **kwargs) -> Backbone:
     """``timm:<name>`` is random init; ``timm:<name>.<tag>`` downloads that tag; ``timm:<name>:<file>`` loads a file."""
     import timm
-    from timm.data import create_transform, resolve_data_config
 
     name, _, weights = rest.partition(":")
     kwargs.setdefault("num_classes", 0)  # amp works on features; the classifier is not part of the backbone
@@ -135,13 +155,12 @@ def _load_timm(rest: str, device: str, **kwargs) -> Backbone:
     else:
         model = timm.create_model(name, pretrained="." in name, **kwargs)
     model = model.to(device).eval()
-    config = resolve_data_config({}, model=model)
     return Backbone(
         model,
         adapter_for(model),
         f"timm:{rest}",
         arch,
-        preprocess=create_transform(**config),
+        preprocess=preprocess_for(arch, model)[0],
         info={"weights": weights or (name if "." in name else "random-init")},
     )
 

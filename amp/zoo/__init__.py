@@ -18,13 +18,18 @@ def register_zoo_model(name: str, loader: Callable[..., Backbone]) -> None:
     ZOO[name] = loader
 
 
-def _load_zoo(rest: str, device: str, **kwargs) -> Backbone:
+def import_zoo_modules() -> None:
+    """Import every zoo module, so that their models and architectures are registered."""
     for module in _ZOO_MODULES:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
             if err.name != module:  # a missing dependency inside the module is a real error
                 raise
+
+
+def _load_zoo(rest: str, device: str, **kwargs) -> Backbone:
+    import_zoo_modules()
     if rest not in ZOO:
         raise ModelSpecError(f"unknown zoo model {rest!r}; available: {sorted(ZOO)}")
     return ZOO[rest](device=device, **kwargs)

@@ -1,0 +1,211 @@
+"""The ``amp`` command: info, score, search, prune, eval. Each subcommand is a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from amp import api
+from amp.adapters import UnsupportedModelError
+from amp.criteria import CRITERIA, NonFiniteLossError
+from amp.data import DataSpecError
+from amp.models import ModelSpecError
+
+USER_ERRORS = (ModelSpecError, DataSpecError, UnsupportedModelError, NonFiniteLossError, FileNotFoundError, ValueError)
+
+
+def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
+    kwargs = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--model-arg expects key=value, got {pair!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model", help="open_clip:<arch>[:<tag|file>], timm:<name>[:<file>], zoo:<name>, or a pruned-model dir"
+    )
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra builder argument (JSON value)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="data set, e.g. folder:/images, imagefolder:/imagenet/train")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-images", type=int, default=None, help="use at most this many images")
+    p.add_argument("--seed", type=int, default=0, help="data order and random scores")
+
+
+def _add_criterion(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--criterion", choices=CRITERIA, default="entropy")
+    p.add_argument("--temp-inv", type=float, default=15.0, help="inverse temperature of the similarity softmax")
+
+
+def _load(args) -> api.Backbone:
+    return api.load_model(args.model, device=args.device, **_model_kwargs(args.model_arg))
+
+
+def cmd_info(args) -> None:
+    backbone = (
+        _load(args) if not args.meta else api.load_model(args.model, device="meta", **_model_kwargs(args.model_arg))
+    )
+    stats = api.model_stats(backbone)
+    if args.json:
+        print(json.dumps(stats.to_dict(), indent=2))
+        return
+    print(f"{args.model}  ({backbone.adapter.family} adapter, {len(stats.blocks)} MLPs)")
+    print(f"  vision tower parameters  {stats.params / 1e6:10.2f} M   MLP share {stats.mlp_param_share:6.1%}")
+    print(f"  FLOPs per image          {stats.flops / 1e9:10.2f} G   MLP share {stats.mlp_flop_share:6.1%}")
+    if args.per_block:
+        print(f"  {'block':>5} {'width':>6} {'params (M)':>11} {'MLP params':>11} {'GFLOPs':>8} {'MLP GFLOPs':>11}")
+        for b in stats.blocks:
+            print(
+                f"  {b.index:5d} {b.width:6d} {b.params / 1e6:11.3f} {b.mlp_params / 1e6:11.3f} "
+                f"{b.flops / 1e9:8.3f} {b.mlp_flops / 1e9:11.3f}"
+            )
+
+
+def _scores(args, backbone):
+    if getattr(args, "scores", None):
+        return api.load_scores(args.scores)
+    return api.score(
+        backbone,
+        args.data,
+        method=args.method,
+        criterion=args.criterion,
+        temp_inv=args.temp_inv,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        seed=args.seed,
+        signed=getattr(args, "signed", False),
+        device=args.device,
+    )
+
+
+def cmd_score(args) -> None:
+    backbone = _load(args)
+    start = time.perf_counter()
+    scores = _scores(args, backbone)
+    api.save_scores(scores, args.out)
+    print(f"scores for {len(scores.values)} MLPs written to {args.out} ({time.perf_counter() - start:.1f} s)")
+
+
+def cmd_prune(args, save_model: bool = True) -> None:
+    if args.threshold is not None and args.threshold < 0:
+        raise ValueError(f"--threshold must be ≥ 0, got {args.threshold}")
+    backbone = _load(args)
+    out = Path(args.out)
+    scores = _scores(args, backbone)
+    result = api.search(
+        backbone,
+        scores,
+        args.val_data or args.data,
+        allocation=args.allocation,
+        ratio=args.ratio,
+        threshold=args.threshold,
+        steps=args.steps,
+        rule=args.rule,
+        reference=args.reference,
+        round_to=args.round_to,
+        criterion=args.criterion,
+        temp_inv=args.temp_inv,
+        batch_size=args.batch_size,
+        max_images=args.max_val_images,
+        seed=args.seed,
+        cache=not args.no_cache,
+        state_path=out / "search_state.json",
+        resume=args.resume,
+        device=args.device,
+    )
+    api.write_json(out / "search.json", result)
+    kept = sum(result["widths"]) / sum(result["dense_widths"])
+    print(f"widths: {result['widths']}")
+    print(f"kept {kept:.1%} of MLP units; loss {result['dense_loss']:.5f} (dense) -> {result['final_loss']:.5f}")
+    if save_model:
+        api.save_pruned(backbone, out, search=result["config"])
+        print(f"pruned model written to {out}")
+
+
+def cmd_eval(args) -> None:
+    backbone = _load(args)
+    report = api.evaluate(
+        backbone, args.data, batch_size=args.batch_size, max_images=args.max_images, device=args.device
+    )
+    print(json.dumps(report, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amp", description="Adaptive MLP Pruning of vision transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameters and FLOPs, with the MLP share")
+    _add_model(p)
+    p.add_argument("--per-block", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--meta", action="store_true", help="build on the meta device (no weights, any size)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("score", help="importance of every MLP hidden unit")
+    _add_model(p)
+    _add_data(p)
+    _add_criterion(p)
+    p.add_argument("--method", choices=("taylor", "magnitude", "random"), default="taylor")
+    p.add_argument("--signed", action="store_true", help="keep the sign of the per-image Taylor sums")
+    p.add_argument("--out", required=True, help="scores file (.safetensors)")
+    p.set_defaults(func=cmd_score)
+
+    for name, save in (("search", False), ("prune", True)):
+        p = sub.add_parser(name, help="find per-layer widths" + (" and save the pruned model" if save else ""))
+        _add_model(p)
+        _add_data(p)
+        _add_criterion(p)
+        p.add_argument("--scores", help="scores file from 'amp score' (default: score first, with --method)")
+        p.add_argument("--method", choices=("taylor", "magnitude", "random"), default="taylor")
+        p.add_argument("--val-data", help="data set for the search (default: --data)")
+        p.add_argument("--max-val-images", type=int, default=None)
+        p.add_argument("--allocation", choices=("amp", "uniform", "global"), default="amp")
+        p.add_argument("--ratio", type=float, help="kept fraction for uniform/global allocations")
+        p.add_argument("--threshold", type=float, default=None, help="allowed loss increase per layer (amp)")
+        p.add_argument("--steps", type=int, default=6)
+        p.add_argument("--rule", choices=("increase", "absolute"), default="increase")
+        p.add_argument("--reference", choices=("previous", "dense"), default="previous")
+        p.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this")
+        p.add_argument("--no-cache", action="store_true", help="run the full model for every probe")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+        p.add_argument("--out", required=True, help="output directory")
+        p.set_defaults(func=lambda a, save=save: cmd_prune(a, save_model=save))
+
+    p = sub.add_parser("eval", help="evaluate a model: size, speed and quality")
+    _add_model(p)
+    _add_data(p, required=False)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as err:
+        print(f"amp: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("amp: interrupted (a search can continue with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

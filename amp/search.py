@@ -1,0 +1,283 @@
+"""Search: how many hidden units each MLP keeps.
+
+:func:`amp_search` is the paper's adaptive bisection (last layer to first, the smallest width whose loss
+increase stays within a threshold). :func:`uniform_widths` and :func:`global_widths` are the preset-ratio
+baselines computed from the same scores.
+
+While layer ``l`` is searched, the layers before it are untouched, so the validation inputs of block ``l``
+are cached once and each probe runs only blocks ``l..L-1`` (``cache=True``); the probes give exactly the
+numbers a full forward pass gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from amp.criteria import Criterion, check_finite
+from amp.io import read_json, write_json
+from amp.scoring import Scores
+from amp.surgery import keep_units, snapshot
+
+RULES = ("increase", "absolute")
+REFERENCES = ("previous", "dense")
+
+
+@dataclass
+class Probe:
+    layer: int
+    width: int
+    loss: float
+    reference: float
+    accepted: bool
+
+
+@dataclass
+class SearchResult:
+    widths: list[int]
+    dense_widths: list[int]
+    dense_loss: float
+    final_loss: float
+    probes: list[Probe] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kept_fraction(self) -> float:
+        return sum(self.widths) / sum(self.dense_widths)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "kept_fraction": self.kept_fraction}
+
+
+def round_width(width: float, round_to: int, hidden: int) -> int:
+    """``width`` rounded up to a multiple of ``round_to``, within [round_to, hidden]."""
+    return int(min(hidden, max(round_to, math.ceil(width / round_to) * round_to)))
+
+
+def uniform_widths(dense_widths: Sequence[int], ratio: float, round_to: int = 1) -> list[int]:
+    """Every MLP keeps the same fraction ``ratio`` of its units."""
+    _check_ratio(ratio)
+    return [round_width(ratio * h, round_to, h) for h in dense_widths]
+
+
+def global_widths(scores: Scores, ratio: float, round_to: int = 1) -> list[int]:
+    """Keep the ``ratio`` best-scored units of the whole model, across layers; ≥ ``round_to`` per layer."""
+    _check_ratio(ratio)
+    flat = torch.cat([v.float() for v in scores.values])
+    budget = max(1, round(ratio * flat.numel()))
+    threshold = torch.sort(flat, descending=True).values[budget - 1]
+    counts = [int((v.float() >= threshold).sum()) for v in scores.values]
+    return [round_width(c, round_to, len(v)) for c, v in zip(counts, scores.values)]
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+
+
+def _fingerprint(scores: Scores) -> str:
+    digest = hashlib.sha256()
+    for v in scores.values:
+        digest.update(v.float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class _Evaluator:
+    """Mean criterion over the (materialised) validation batches, from block ``layer`` on."""
+
+    def __init__(self, backbone, batches, criterion: Criterion, device, cache: bool, progress: bool):
+        self.backbone, self.criterion, self.device, self.cache = backbone, criterion, device, cache
+        self.images = [images.to(device) for images, _ in batches]
+        with torch.no_grad():
+            dense = [self._embed(images) for images in self.images]
+            self.contexts = [criterion.context(targets, f) for (_, targets), f in zip(batches, dense)]
+            self.dense_loss = self._mean(dense)
+        self.layer: int | None = None
+        self.inputs: list[torch.Tensor] = []
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embed(images, project=self.criterion.needs_projection)
+
+    def _mean(self, features: Iterable[torch.Tensor]) -> float:
+        losses = [check_finite(self.criterion(f, c), "search") for f, c in zip(features, self.contexts)]
+        return float(torch.stack(losses).mean())
+
+    def cache_inputs(self, layer: int) -> None:
+        """Inputs of block ``layer``, computed once while the blocks before it are still dense."""
+        if not self.cache:
+            return
+        adapter, model = self.backbone.adapter, self.backbone.model
+        with torch.no_grad():
+            self.inputs = [adapter.block_input(model, images, layer) for images in self.images]
+        self.layer = layer
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        if not self.cache:
+            return self._mean(self._embed(images) for images in self.images)
+        adapter, model, project = self.backbone.adapter, self.backbone.model, self.criterion.needs_projection
+        return self._mean(
+            adapter.embed_from(model, x, self.layer, images.shape, project=project)
+            for x, images in zip(self.inputs, self.images)
+        )
+
+
+def _accept(loss: float, reference: float, threshold: float, rule: str) -> bool:
+    change = loss - reference
+    return (change if rule == "increase" else abs(change)) <= threshold
+
+
+def amp_search(
+    backbone,
+    scores: Scores,
+    batches: Sequence[tuple[torch.Tensor, Any]],
+    criterion: Criterion,
+    threshold: float,
+    steps: int = 6,
+    rule: str = "increase",
+    reference: str = "previous",
+    round_to: int = 1,
+    cache: bool = True,
+    state_path: str | Path | None = None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    on_layer_done: Callable[[int], None] | None = None,
+) -> SearchResult:
+    """AMP's adaptive widths; prunes ``backbone.model`` in place and returns what it found.
+
+    For each layer from last to first, units ranked by ``scores``, a bisection of ``steps`` probes looks for
+    the smallest width whose loss passes the ``rule`` against the ``reference`` loss:
+
+    * rule ``increase`` (the paper): loss − reference ≤ threshold; ``absolute``: |loss − reference| ≤ threshold;
+    * reference ``previous`` (the paper): the loss of the model as pruned so far, so the budget is per layer
+      and compounds; ``dense``: the unpruned model's loss, a global budget.
+
+    ``batches`` is the validation set as a list of (images, targets), kept in memory so every probe sees the
+    same batches. With ``state_path`` each finished layer is written atomically; ``resume=True`` continues
+    from it to the same widths.
+    """
+    if threshold < 0 or not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number ≥ 0, got {threshold}")
+    if rule not in RULES or reference not in REFERENCES:
+        raise ValueError(f"rule must be one of {RULES} and reference one of {REFERENCES}")
+    if steps < 1 or round_to < 1:
+        raise ValueError("steps and round_to must be ≥ 1")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("the validation data set yielded no batches")
+    device = torch.device(device or next(backbone.model.parameters()).device)
+    sites = backbone.sites()
+    if [s.hidden for s in sites] != scores.widths:
+        raise ValueError(f"scores are for widths {scores.widths}, the model has {[s.hidden for s in sites]}")
+    orders = scores.orders()
+    config = {
+        "method": "amp",
+        "threshold": threshold,
+        "steps": steps,
+        "rule": rule,
+        "reference": reference,
+        "round_to": round_to,
+        "criterion": criterion.describe(),
+        "scores": _fingerprint(scores),
+        "images": sum(len(images) for images, _ in batches),
+    }
+    backbone.model.eval()
+    evaluator = _Evaluator(backbone, batches, criterion, device, cache, progress)
+    state = {"config": config, "dense_loss": evaluator.dense_loss, "reference": evaluator.dense_loss, "done": {}}
+    state["probes"] = []
+    if resume and state_path and Path(state_path).is_file():
+        state = _resume(state_path, config, sites, orders, evaluator.dense_loss)
+    ref = state["reference"]
+    todo = [layer for layer in reversed(range(len(sites))) if str(layer) not in state["done"]]
+    for layer in tqdm(todo, desc="search", unit="layer", disable=not progress):
+        site, order = sites[layer], orders[layer]
+        original = snapshot(site)
+        evaluator.cache_inputs(layer)
+        lo, hi, best, best_loss = 0, site.hidden, site.hidden, None
+        for _ in range(steps):
+            width = round_width((lo + hi) // 2, round_to, site.hidden)
+            if width >= hi or width <= lo:
+                break  # the resolution is exhausted
+            keep_units(site, order[:width], original)
+            loss = evaluator.loss()
+            accepted = _accept(loss, ref, threshold, rule)
+            state["probes"].append(asdict(Probe(layer, width, loss, ref, accepted)))
+            if accepted:
+                hi, best, best_loss = width, width, loss
+            else:
+                lo = width
+        keep_units(site, order[:best], original)  # units stored best-first, even when all are kept
+        if reference == "previous" and best_loss is not None:
+            ref = best_loss
+        state["done"][str(layer)] = best
+        state["reference"] = ref
+        if state_path:
+            write_json(state_path, state)
+        if on_layer_done is not None:
+            on_layer_done(layer)
+    widths = [s.hidden for s in sites]
+    with torch.no_grad():
+        final = evaluator._mean(evaluator._embed(images) for images in evaluator.images)
+    return SearchResult(
+        widths,
+        [int(original_width) for original_width in scores.widths],
+        evaluator.dense_loss,
+        final,
+        [Probe(**p) for p in state["probes"]],
+        config,
+    )
+
+
+def _resume(state_path, config, sites, orders, dense_loss) -> dict[str, Any]:
+    state = read_json(state_path)
+    if state.get("config") != json.loads(json.dumps(config)):
+        raise ValueError(
+            f"{state_path} was written by a search with other settings or data:\n"
+            f"  saved: {state.get('config')}\n  now:   {config}\nremove it or drop --resume"
+        )
+    if not math.isclose(state["dense_loss"], dense_loss, rel_tol=0, abs_tol=1e-6):
+        raise ValueError(f"{state_path}: the dense loss differs ({state['dense_loss']} vs {dense_loss}); data changed?")
+    for layer, width in state["done"].items():
+        keep_units(sites[int(layer)], orders[int(layer)][:width])
+    return state
+
+
+def materialise(loader: Iterable, max_images: int | None = None) -> list[tuple[torch.Tensor, Any]]:
+    """The validation batches in memory, so every probe sees the same images in the same batches."""
+    batches, seen = [], 0
+    for images, targets in loader:
+        if max_images is not None and seen >= max_images:
+            break
+        batches.append((images, targets))
+        seen += len(images)
+    if not batches:
+        raise ValueError("the validation data set yielded no images")
+    return batches
+
+
+def apply_widths(
+    backbone,
+    scores: Scores,
+    widths: Sequence[int],
+    batches: Sequence[tuple[torch.Tensor, Any]],
+    criterion: Criterion,
+    device: str | torch.device | None = None,
+) -> SearchResult:
+    """Prune to preset ``widths`` (uniform/global baselines), measuring the loss before and after like the search."""
+    device = torch.device(device or next(backbone.model.parameters()).device)
+    evaluator = _Evaluator(backbone, list(batches), criterion, device, cache=False, progress=False)
+    for site, order, width in zip(backbone.sites(), scores.orders(), widths):
+        if not 1 <= width <= site.hidden:
+            raise ValueError(f"{site.name}: width {width} outside [1, {site.hidden}]")
+        keep_units(site, order[:width])
+    config = {"method": "preset", "criterion": criterion.describe(), "scores": _fingerprint(scores)}
+    return SearchResult(list(widths), scores.widths, evaluator.dense_loss, evaluator.loss(), [], config)
