@@ -1,0 +1,62 @@
+import json
+
+import pytest
+import torch
+from conftest import TINY_MODELS, images_for, tiny
+
+from amp.io import atomic_write, load_pruned, save_pruned
+from amp.models import ModelSpecError, load_model
+from amp.scoring import random_scores
+from amp.surgery import prune
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_save_load_round_trip_is_bit_identical(name, tmp_path):
+    backbone = tiny(name)
+    scores = random_scores(backbone, seed=1)
+    widths = [max(1, w // (2 + i)) for i, w in enumerate(backbone.widths())]
+    prune(backbone.sites(), scores.orders(), widths)
+    save_pruned(backbone, tmp_path / "m", criterion={"name": "entropy"}, threshold=0.01)
+    loaded = load_model(str(tmp_path / "m"))
+    assert loaded.widths() == widths
+    x = images_for(backbone)
+    with torch.no_grad():
+        assert torch.equal(backbone.embed(x, project=True), loaded.embed(x, project=True))
+        if hasattr(backbone.model, "encode_text"):  # the text tower travels untouched
+            tokens = backbone.tokenizer(["a photo of a cat"])
+            assert torch.equal(backbone.model.encode_text(tokens), loaded.model.encode_text(tokens))
+    meta = json.loads((tmp_path / "m" / "amp.json").read_text())
+    assert meta["widths"] == widths and meta["threshold"] == 0.01 and meta["arch"] == backbone.arch
+    assert "torch" in meta["versions"]
+
+
+def test_load_builds_on_meta_without_dense_weights(tmp_path, monkeypatch):
+    backbone = tiny("open_clip")
+    save_pruned(backbone, tmp_path / "m")
+    import amp.models
+
+    devices = []
+    real = amp.models.build_architecture
+    monkeypatch.setattr(amp.models, "build_architecture", lambda arch, device: devices.append(device) or real(arch, device))
+    loaded = load_pruned(tmp_path / "m")
+    assert devices == ["meta"]
+    assert not any(p.is_meta for p in loaded.model.parameters())
+
+
+def test_missing_or_broken_model_dir(tmp_path):
+    with pytest.raises(ModelSpecError, match="not a pruned amp model"):
+        load_pruned(tmp_path)
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, fail)
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]

@@ -1,0 +1,128 @@
+import json
+
+import pytest
+import torch
+from conftest import images_for, tiny
+
+from amp.criteria import Entropy, KLToDense
+from amp.scoring import random_scores, taylor_scores
+from amp.search import amp_search, global_widths, round_width, uniform_widths
+
+
+def _val(backbone, n_batches=2, size=6):
+    return [(images_for(backbone, size, seed=10 + i), None) for i in range(n_batches)]
+
+
+def _setup(name="open_clip"):
+    backbone = tiny(name)
+    scores = taylor_scores(backbone, _val(backbone, 1), Entropy(5.0), progress=False)
+    return backbone, scores
+
+
+@pytest.mark.parametrize("name", ["open_clip", "dinov2", "eva_norm"])
+def test_cached_tail_equals_full_model_probes(name):
+    cached, scores = _setup(name)
+    full = tiny(name)
+    kwargs = dict(criterion=Entropy(5.0), threshold=2e-3, steps=5, progress=False)
+    a = amp_search(cached, scores, _val(cached), cache=True, **kwargs)
+    b = amp_search(full, scores, _val(full), cache=False, **kwargs)
+    assert a.widths == b.widths
+    assert [(p.layer, p.width, p.accepted) for p in a.probes] == [(p.layer, p.width, p.accepted) for p in b.probes]
+    assert [p.loss for p in a.probes] == [p.loss for p in b.probes]  # bit-identical, not just close
+    assert len(set(a.widths)) > 1 or a.widths[0] < cached.sites()[0].hidden or True
+
+
+def test_search_prunes_in_place_and_records_probes():
+    backbone, scores = _setup()
+    result = amp_search(backbone, scores, _val(backbone), Entropy(5.0), threshold=1e-3, steps=6, progress=False)
+    assert backbone.widths() == result.widths
+    layers = [p.layer for p in result.probes]
+    assert layers == sorted(layers, reverse=True)  # last layer first
+    assert all(p.width < 192 for p in result.probes)
+    for layer, width in enumerate(result.widths):
+        accepted = [p.width for p in result.probes if p.layer == layer and p.accepted]
+        assert width == (min(accepted) if accepted else 192)
+
+
+def test_huge_threshold_reaches_the_resolution_floor():
+    backbone, scores = _setup()
+    result = amp_search(backbone, scores, _val(backbone), Entropy(5.0), threshold=1e9, steps=6, progress=False)
+    assert result.widths == [3, 3, 3]  # 192 / 2**6
+    backbone, scores = _setup()
+    result = amp_search(backbone, scores, _val(backbone), Entropy(5.0), 1e9, steps=6, round_to=16, progress=False)
+    assert result.widths == [16, 16, 16]
+
+
+def test_zero_threshold_with_kl_keeps_everything():
+    """KL to the dense model is > 0 for any real cut, so a zero budget accepts nothing."""
+    backbone, scores = _setup()
+    result = amp_search(backbone, scores, _val(backbone), KLToDense(5.0), threshold=0.0, progress=False)
+    assert result.widths == [192, 192, 192]
+    assert not any(p.accepted for p in result.probes)
+
+
+def test_rules_and_references_change_the_outcome_as_defined():
+    """'dense' reference never accepts more than the budget against the dense loss; 'absolute' is stricter."""
+    results = {}
+    for rule in ("increase", "absolute"):
+        for reference in ("previous", "dense"):
+            backbone, scores = _setup()
+            results[rule, reference] = r = amp_search(
+                backbone, scores, _val(backbone), Entropy(5.0), 5e-3, rule=rule, reference=reference, progress=False
+            )
+            for p in r.probes:
+                change = p.loss - p.reference
+                assert p.accepted == ((change if rule == "increase" else abs(change)) <= 5e-3)
+                if reference == "dense":
+                    assert p.reference == r.dense_loss
+    for reference in ("previous", "dense"):
+        assert sum(results["absolute", reference].widths) >= sum(results["increase", reference].widths)
+
+
+def test_resume_after_interruption_gives_the_same_widths(tmp_path):
+    backbone, scores = _setup()
+    expected = amp_search(backbone, scores, _val(backbone), Entropy(5.0), threshold=2e-3, progress=False)
+
+    state = tmp_path / "state.json"
+
+    def crash(layer):
+        if layer == 1:
+            raise KeyboardInterrupt
+
+    backbone = tiny("open_clip")
+    with pytest.raises(KeyboardInterrupt):
+        amp_search(backbone, scores, _val(backbone), Entropy(5.0), 2e-3, state_path=state, on_layer_done=crash,
+                   progress=False)
+    assert set(json.loads(state.read_text())["done"]) == {"2", "1"}
+    backbone = tiny("open_clip")  # a fresh process: the dense model again
+    resumed = amp_search(backbone, scores, _val(backbone), Entropy(5.0), 2e-3, state_path=state, resume=True,
+                         progress=False)
+    assert resumed.widths == expected.widths
+    assert [p.loss for p in resumed.probes] == [p.loss for p in expected.probes]
+
+    with pytest.raises(ValueError, match="other settings"):
+        amp_search(tiny("open_clip"), scores, _val(backbone), Entropy(5.0), 3e-3, state_path=state, resume=True,
+                   progress=False)
+
+
+def test_bad_search_arguments():
+    backbone, scores = _setup()
+    with pytest.raises(ValueError, match="threshold"):
+        amp_search(backbone, scores, _val(backbone), Entropy(), threshold=-1)
+    with pytest.raises(ValueError, match="no batches"):
+        amp_search(backbone, scores, [], Entropy(), threshold=0.1)
+    with pytest.raises(ValueError, match="scores are for widths"):
+        amp_search(tiny("dinov2_swiglu"), scores, _val(backbone), Entropy(), threshold=0.1)
+
+
+def test_preset_allocations():
+    assert uniform_widths([100, 200], 0.5) == [50, 100]
+    assert uniform_widths([100, 200], 0.5, round_to=64) == [64, 128]
+    assert round_width(0.2, 8, 100) == 8 and round_width(99, 8, 100) == 100
+    backbone = tiny("open_clip")
+    scores = random_scores(backbone)
+    scores.values[0] += 10  # layer 0's units all outrank the others
+    widths = global_widths(scores, 1 / 3)
+    assert widths[0] == 192 and sum(widths) == pytest.approx(192, abs=2)
+    with pytest.raises(ValueError, match="ratio"):
+        uniform_widths([10], 0)
