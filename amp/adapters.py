@@ -8,7 +8,7 @@ registering one from outside with :func:`register_adapter`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -194,23 +194,55 @@ class BackboneAdapter:
         prefix = self.block_prefix(model)
         return [describe_mlp(i, f"{prefix}.{i}.mlp", self.mlp_of(block)) for i, block in enumerate(self.blocks(model))]
 
-    def block_input(self, model: nn.Module, images: torch.Tensor, layer: int) -> torch.Tensor:
-        """The input of block ``layer`` (blocks before it run as they are)."""
-        blocks = self.blocks(model)
-        if layer == len(blocks):
-            raise ValueError("use embed() for the full model")
+    def block_inputs(self, model: nn.Module, images: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+        """The inputs of the given blocks in one forward pass (it stops after the last one needed)."""
+        blocks, layers = self.blocks(model), sorted(set(layers))
+        found: dict[int, torch.Tensor] = {}
 
-        def grab(_module, args, kwargs=None):
+        def grab(layer: int):
+            def hook(_module, args):
+                found[layer] = args[0]
+                if layer == layers[-1]:
+                    raise _Captured(args[0])
+
+            return hook
+
+        handles = [blocks[layer].register_forward_pre_hook(grab(layer)) for layer in layers]
+        try:
+            self.embed(model, images)
+        except _Captured:
+            return found
+        finally:
+            for handle in handles:
+                handle.remove()
+        raise RuntimeError(f"blocks {layers} of {type_name(model)} were never called")
+
+    def block_input_from(
+        self, model: nn.Module, cached: torch.Tensor, start: int, layer: int, batch_shape: torch.Size
+    ) -> torch.Tensor:
+        """The input of block ``layer`` when block ``start`` receives ``cached`` (blocks start..layer-1 run)."""
+        if start == layer:
+            return cached
+        blocks = self.blocks(model)
+
+        def grab(_module, args):
             raise _Captured(args[0])
 
-        handle = blocks[layer].register_forward_pre_hook(grab)
+        def inject(_module, args, kwargs):
+            return (cached, *args[1:]), kwargs
+
+        handles = [
+            blocks[start].register_forward_pre_hook(inject, with_kwargs=True),
+            blocks[layer].register_forward_pre_hook(grab),
+        ]
         try:
-            with self._skipping(model, range(layer + 1, len(blocks))):
-                self.embed(model, images)
+            with self._skipping(model, range(start)):
+                self.embed(model, torch.zeros(batch_shape, dtype=cached.dtype, device=cached.device))
         except _Captured as captured:
             return captured.value
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         raise RuntimeError(f"block {layer} of {type_name(model)} was never called")
 
     def embed_from(

@@ -1,11 +1,25 @@
 """Data sets by name: ``<kind>:<argument>``, e.g. ``folder:/photos``, ``imagefolder:/imagenet/val``, ``synthetic:64``.
 
 Every data set yields ``(image, target)``: ``target`` is a class index (int), a caption (str), a list of
-captions, or -1 for unlabelled images. Loaders are registered by prefix with :func:`register_dataset`.
+captions, or -1 for unlabelled images. Class data sets expose ``.classes``; captioned ones ``.captions``.
+Loaders are registered by prefix with :func:`register_dataset`.
+
+Kinds:
+
+* ``synthetic:<count>[:<size>]``: seeded random images (no signal), target -1.
+* ``folder:<dir>``: every image under ``dir`` (recursively, sorted), target -1.
+* ``imagefolder:<dir>``: ImageNet-style ``<dir>/<class>/<image>``; ``.classes`` are the sorted folder names.
+* ``coco:<root>[:<split>]``: COCO captions with the Karpathy split file ``dataset_coco.json`` (in ``root`` or
+  ``root/annotations``) and images at ``root/<filepath>/<filename>`` (e.g. ``root/val2014/...``).
+* ``flickr30k:<root>[:<split>]``: Flickr30k with the Karpathy ``dataset_flickr30k.json`` and images under
+  ``root/flickr30k-images`` or ``root/images``.
+
+Captioned kinds default to the ``test`` split; ``train+restval`` style specs join splits.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,20 +44,30 @@ def register_dataset(prefix: str, loader: DatasetLoader) -> None:
 
 
 def load_dataset(spec: str, transform: Callable | None = None) -> Dataset:
+    """The data set named by ``spec`` (see the module docstring), images passed through ``transform``."""
     prefix, sep, argument = spec.partition(":")
     if not sep or prefix not in DATASETS:
-        raise DataSpecError(f"cannot resolve data set {spec!r}; expected one of " + ", ".join(f"'{p}:...'" for p in DATASETS))
+        raise DataSpecError(
+            f"cannot resolve data set {spec!r}; expected one of " + ", ".join(f"'{p}:...'" for p in DATASETS)
+        )
     dataset = DATASETS[prefix](argument, transform)
     if len(dataset) == 0:
         raise DataSpecError(f"data set {spec!r} is empty")
     return dataset
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0
+) -> DataLoader:
     """A loader whose order depends only on ``seed`` (criteria over a batch depend on its composition)."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers, collate_fn=collate
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        collate_fn=collate,
     )
 
 
@@ -56,10 +80,13 @@ def collate(items: list[tuple[Any, Any]]) -> tuple[torch.Tensor, Any]:
     return images, targets
 
 
+# --- synthetic ---------------------------------------------------------------------------------
+
+
 class SyntheticImages(Dataset):
     """Seeded random images for smoke tests and speed measurements (they carry no signal)."""
 
-    def __init__(self, count: int, size: int = 224, seed: int = 0, transform: Callable | None = None):
+    def __init__(self, count: int, size: int = 224, seed: int = 0):
         self.count, self.size, self.seed = count, size, seed
 
     def __len__(self) -> int:
@@ -75,27 +102,42 @@ class SyntheticImages(Dataset):
 def _synthetic(argument: str, transform: Callable | None) -> Dataset:
     count, _, size = argument.partition(":")
     try:
-        return SyntheticImages(int(count), int(size or 224))
+        count_, size_ = int(count), int(size or 224)
     except ValueError:
-        raise DataSpecError(f"synthetic data needs 'synthetic:<count>[:<size>]', got 'synthetic:{argument}'") from None
+        count_ = size_ = -1
+    if count_ < 0 or size_ <= 0:
+        raise DataSpecError(f"synthetic data needs 'synthetic:<count>[:<size>]', got 'synthetic:{argument}'")
+    return SyntheticImages(count_, size_)
+
+
+# --- image files -------------------------------------------------------------------------------
+
+
+def _open_rgb(path: Path, transform: Callable | None) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    return transform(image) if transform is not None else image
 
 
 class ImageFiles(Dataset):
     """Images listed in a fixed (sorted) order, with optional integer labels."""
 
-    def __init__(self, paths: list[Path], labels: list[int] | None, transform: Callable | None, classes=None):
+    def __init__(
+        self,
+        paths: list[Path],
+        labels: list[int] | None,
+        transform: Callable | None,
+        classes: list[str] | None = None,
+    ):
         self.paths, self.labels, self.transform, self.classes = paths, labels, transform, classes
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        from PIL import Image
-
-        with Image.open(self.paths[index]) as image:
-            image = image.convert("RGB")
-        if self.transform is not None:
-            image = self.transform(image)
+        image = _open_rgb(self.paths[index], self.transform)
         return image, (self.labels[index] if self.labels is not None else -1)
 
 
@@ -133,6 +175,117 @@ def _imagefolder(argument: str, transform: Callable | None) -> Dataset:
     return ImageFiles(paths, labels, transform, classes=classes)
 
 
+# --- captioned images (Karpathy split files) ----------------------------------------------------
+
+
+class CaptionedImages(Dataset):
+    """Images with their reference captions; yields ``(image, list of captions)``."""
+
+    def __init__(self, paths: list[Path], captions: list[list[str]], transform: Callable | None):
+        if len(paths) != len(captions):
+            raise ValueError(f"{len(paths)} images but {len(captions)} caption lists")
+        self.paths, self.captions, self.transform = paths, captions, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, list[str]]:
+        return _open_rgb(self.paths[index], self.transform), list(self.captions[index])
+
+
+def _root_and_split(argument: str, kind: str) -> tuple[Path, list[str]]:
+    root, sep, split = argument.rpartition(":")
+    if not sep or not split or "/" in split or "\\" in split:  # no split given (or a ':' inside the path)
+        root, split = argument, "test"
+    if not root:
+        raise DataSpecError(f"{kind} needs '{kind}:<root>[:<split>]', got '{kind}:{argument}'")
+    return _existing_dir(root, kind), [s for s in split.split("+") if s]
+
+
+def _karpathy_json(root: Path, filename: str, kind: str) -> list[dict]:
+    candidates = [root / filename, root / "annotations" / filename, root / "karpathy" / filename]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise DataSpecError(
+            f"{kind}: Karpathy split file {filename!r} not found; expected it at one of "
+            + ", ".join(str(c) for c in candidates)
+        )
+    try:
+        with open(found, encoding="utf-8") as fd:
+            data = json.load(fd)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataSpecError(f"{kind}: {found} is not valid JSON ({error})") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise DataSpecError(
+            f"{kind}: {found} has no 'images' list; expected the Karpathy format "
+            "{'images': [{'filename', 'split', 'sentences': [{'raw'}], ...}]}"
+        )
+    for i, entry in enumerate(images):
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("filename"), str)
+            and isinstance(entry.get("split"), str)
+            and isinstance(entry.get("sentences"), list)
+            and all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in entry["sentences"])
+        )
+        if not ok:
+            raise DataSpecError(
+                f"{kind}: {found}: images[{i}] lacks 'filename' (str), 'split' (str) or 'sentences' "
+                "(list of {'raw': str})"
+            )
+    return images
+
+
+def _karpathy(
+    root: Path,
+    splits: list[str],
+    filename: str,
+    image_dirs: list[Path],
+    kind: str,
+    transform: Callable | None,
+) -> CaptionedImages:
+    entries = _karpathy_json(root, filename, kind)
+    available = sorted({e["split"] for e in entries})
+    unknown = [s for s in splits if s not in available]
+    if not splits or unknown:
+        raise DataSpecError(f"{kind}: split {'+'.join(splits)!r} not in {root / filename}; available: {available}")
+    selected = [e for e in entries if e["split"] in splits]
+
+    def relative(entry: dict) -> Path:
+        return Path(entry.get("filepath") or "") / entry["filename"]
+
+    base = next((d for d in image_dirs if (d / relative(selected[0])).is_file()), None)
+    if base is None:
+        raise DataSpecError(
+            f"{kind}: image {relative(selected[0])} not found under any of "
+            + ", ".join(str(d) for d in image_dirs)
+            + " (expected the images next to the split file)"
+        )
+    paths = [base / relative(e) for e in selected]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataSpecError(f"{kind}: {len(missing)} of {len(paths)} images are missing, e.g. {missing[0]}")
+    captions = [[s["raw"] for s in e["sentences"]] for e in selected]
+    empty = next((p for p, c in zip(paths, captions) if not c), None)
+    if empty is not None:
+        raise DataSpecError(f"{kind}: image {empty} has no captions")
+    return CaptionedImages(paths, captions, transform)
+
+
+def _coco(argument: str, transform: Callable | None) -> Dataset:
+    root, splits = _root_and_split(argument, "coco")
+    return _karpathy(root, splits, "dataset_coco.json", [root, root / "images"], "coco", transform)
+
+
+def _flickr30k(argument: str, transform: Callable | None) -> Dataset:
+    root, splits = _root_and_split(argument, "flickr30k")
+    dirs = [root / "flickr30k-images", root / "images", root]
+    return _karpathy(root, splits, "dataset_flickr30k.json", dirs, "flickr30k", transform)
+
+
 register_dataset("synthetic", _synthetic)
 register_dataset("folder", _folder)
 register_dataset("imagefolder", _imagefolder)
+register_dataset("coco", _coco)
+register_dataset("flickr30k", _flickr30k)

@@ -91,9 +91,13 @@ def _fingerprint(scores: Scores) -> str:
 
 
 class _Evaluator:
-    """Mean criterion over the (materialised) validation batches, from block ``layer`` on."""
+    """Mean criterion over the (materialised) validation batches, running only blocks ``layer..`` per probe.
 
-    def __init__(self, backbone, batches, criterion: Criterion, device, cache: bool, progress: bool):
+    Block inputs of the dense model are stashed once, every ``stride``-th layer, within ``cache_gb``; the
+    inputs of block ``l`` are then recomputed from the nearest stash below it (nothing when stride is 1).
+    """
+
+    def __init__(self, backbone, batches, criterion: Criterion, device, cache: bool, cache_gb: float = 4.0):
         self.backbone, self.criterion, self.device, self.cache = backbone, criterion, device, cache
         self.images = [images.to(device) for images, _ in batches]
         with torch.no_grad():
@@ -102,6 +106,9 @@ class _Evaluator:
             self.dense_loss = self._mean(dense)
         self.layer: int | None = None
         self.inputs: list[torch.Tensor] = []
+        self.stash: dict[int, list[torch.Tensor]] = {}
+        if cache:
+            self._fill_stash(cache_gb)
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.embed(images, project=self.criterion.needs_projection)
@@ -110,13 +117,30 @@ class _Evaluator:
         losses = [check_finite(self.criterion(f, c), "search") for f, c in zip(features, self.contexts)]
         return float(torch.stack(losses).mean())
 
+    @torch.no_grad()
+    def _fill_stash(self, cache_gb: float) -> None:
+        adapter, model = self.backbone.adapter, self.backbone.model
+        depth = len(adapter.blocks(model))
+        first = adapter.block_inputs(model, self.images[0][:1], [0])[0]
+        per_layer = first.numel() * first.element_size() * sum(len(images) for images in self.images)
+        self.stride = max(1, math.ceil(depth * per_layer / (cache_gb * 2**30)))
+        layers = list(range(0, depth, self.stride))
+        by_batch = [adapter.block_inputs(model, images, layers) for images in self.images]
+        self.stash = {layer: [found[layer] for found in by_batch] for layer in layers}
+
+    @torch.no_grad()
     def cache_inputs(self, layer: int) -> None:
-        """Inputs of block ``layer``, computed once while the blocks before it are still dense."""
+        """Inputs of block ``layer`` while the blocks before it are still dense; drops stashes above it."""
         if not self.cache:
             return
         adapter, model = self.backbone.adapter, self.backbone.model
-        with torch.no_grad():
-            self.inputs = [adapter.block_input(model, images, layer) for images in self.images]
+        start = max(s for s in self.stash if s <= layer)
+        self.inputs = [
+            adapter.block_input_from(model, x, start, layer, images.shape)
+            for x, images in zip(self.stash[start], self.images)
+        ]
+        for stashed in [s for s in self.stash if s > layer]:
+            del self.stash[stashed]
         self.layer = layer
 
     @torch.no_grad()
@@ -146,6 +170,7 @@ def amp_search(
     reference: str = "previous",
     round_to: int = 1,
     cache: bool = True,
+    cache_gb: float = 4.0,
     state_path: str | Path | None = None,
     resume: bool = False,
     device: str | torch.device | None = None,
@@ -162,8 +187,8 @@ def amp_search(
       and compounds; ``dense``: the unpruned model's loss, a global budget.
 
     ``batches`` is the validation set as a list of (images, targets), kept in memory so every probe sees the
-    same batches. With ``state_path`` each finished layer is written atomically; ``resume=True`` continues
-    from it to the same widths.
+    same batches. ``cache_gb`` bounds the memory of stashed block inputs. With ``state_path`` each finished
+    layer is written atomically; ``resume=True`` continues from it to the same widths.
     """
     if threshold < 0 or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number ≥ 0, got {threshold}")
@@ -191,7 +216,7 @@ def amp_search(
         "images": sum(len(images) for images, _ in batches),
     }
     backbone.model.eval()
-    evaluator = _Evaluator(backbone, batches, criterion, device, cache, progress)
+    evaluator = _Evaluator(backbone, batches, criterion, device, cache, cache_gb)
     state = {"config": config, "dense_loss": evaluator.dense_loss, "reference": evaluator.dense_loss, "done": {}}
     state["probes"] = []
     if resume and state_path and Path(state_path).is_file():
@@ -274,7 +299,7 @@ def apply_widths(
 ) -> SearchResult:
     """Prune to preset ``widths`` (uniform/global baselines), measuring the loss before and after like the search."""
     device = torch.device(device or next(backbone.model.parameters()).device)
-    evaluator = _Evaluator(backbone, list(batches), criterion, device, cache=False, progress=False)
+    evaluator = _Evaluator(backbone, list(batches), criterion, device, cache=False)
     for site, order, width in zip(backbone.sites(), scores.orders(), widths):
         if not 1 <= width <= site.hidden:
             raise ValueError(f"{site.name}: width {width} outside [1, {site.hidden}]")

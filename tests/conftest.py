@@ -15,10 +15,16 @@ open_clip.add_model_config(Path(__file__).parent / "configs")
 # name -> (spec, builder kwargs); one per MLP layout the adapters support
 TINY_MODELS = {
     "open_clip": ("open_clip:amp-test-tiny", {}),
-    "timm_vit": ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads": 2}),
+    "timm_vit": (
+        "timm:vit_tiny_patch16_224",
+        {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads": 2},
+    ),
     "dinov2": ("timm:vit_small_patch14_dinov2", {"img_size": 28, "depth": 3, "embed_dim": 48, "num_heads": 2}),
     "dinov2_swiglu": ("timm:vit_giant_patch14_dinov2", {"img_size": 28, "depth": 2, "embed_dim": 48, "num_heads": 2}),
-    "eva_norm": ("timm:eva02_tiny_patch14_224", {"img_size": 28, "depth": 2, "embed_dim": 48, "num_heads": 2, "scale_mlp": True}),
+    "eva_norm": (
+        "timm:eva02_tiny_patch14_224",
+        {"img_size": 28, "depth": 2, "embed_dim": 48, "num_heads": 2, "scale_mlp": True},
+    ),
 }
 
 

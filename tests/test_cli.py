@@ -7,7 +7,16 @@ from conftest import TINY_MODELS
 
 from amp.cli import main
 
-TINY = ["--model-arg", "img_size=28", "--model-arg", "depth=2", "--model-arg", "embed_dim=48", "--model-arg", "num_heads=2"]
+TINY = [
+    "--model-arg",
+    "img_size=28",
+    "--model-arg",
+    "depth=2",
+    "--model-arg",
+    "embed_dim=48",
+    "--model-arg",
+    "num_heads=2",
+]
 DINO = [TINY_MODELS["dinov2"][0], *TINY]
 
 
@@ -81,7 +90,7 @@ def test_unsupported_mlp_names_the_module_type():
 
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, embed_dim=48, num_heads=2)
     model.blocks[0].mlp = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.GELU(), torch.nn.Linear(96, 48))
-    with pytest.raises(UnsupportedModelError, match="torch.nn.modules.container.Sequential"):
+    with pytest.raises(UnsupportedModelError, match=r"torch\.nn\.modules\.container\.Sequential"):
         adapter_for(model).sites(model)
-    with pytest.raises(UnsupportedModelError, match="no amp adapter for a torch.nn.modules.linear.Linear"):
+    with pytest.raises(UnsupportedModelError, match=r"no amp adapter for a torch\.nn\.modules\.linear\.Linear"):
         adapter_for(torch.nn.Linear(2, 2))

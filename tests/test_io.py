@@ -37,7 +37,9 @@ def test_load_builds_on_meta_without_dense_weights(tmp_path, monkeypatch):
 
     devices = []
     real = amp.models.build_architecture
-    monkeypatch.setattr(amp.models, "build_architecture", lambda arch, device: devices.append(device) or real(arch, device))
+    monkeypatch.setattr(
+        amp.models, "build_architecture", lambda arch, device: devices.append(device) or real(arch, device)
+    )
     loaded = load_pruned(tmp_path / "m")
     assert devices == ["meta"]
     assert not any(p.is_meta for p in loaded.model.parameters())

@@ -16,7 +16,7 @@ def reference_scores(backbone, batches, criterion, signed=False):
     for images, _ in batches:
         stored = {}
 
-        def keep(site):
+        def keep(site, stored=stored):
             def hook(_m, args):
                 args[0].retain_grad()
                 stored[site.index] = args[0]

@@ -35,7 +35,11 @@ def test_hidden_norm_is_sliced_with_the_units():
     gate = F.linear(x, original["gate.weight"][keep], original["gate.bias"][keep])
     value = F.linear(x, original["in.weight"][keep], original["in.bias"][keep])
     h = F.layer_norm(
-        F.silu(gate) * value, (len(keep),), original["norm.weight"][keep], original["norm.bias"][keep], site.hidden_norm.eps
+        F.silu(gate) * value,
+        (len(keep),),
+        original["norm.weight"][keep],
+        original["norm.bias"][keep],
+        site.hidden_norm.eps,
     )
     expected = F.linear(h, original["out.weight"][:, keep], original["out.bias"])
     with torch.no_grad():
