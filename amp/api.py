@@ -111,10 +111,37 @@ def search(
     return result.to_json()
 
 
-def evaluate(backbone: Backbone, data=None, batch_size: int = 32, max_images: int | None = None, device=None) -> dict:
-    """Size of the model (parameters, FLOPs); quality metrics come from :mod:`amp.evaluate`."""
+def evaluate(
+    backbone: Backbone,
+    classification: str | None = None,
+    retrieval: str | None = None,
+    knn_train: str | None = None,
+    dense: Backbone | None = None,
+    batch_size: int = 64,
+    max_images: int | None = None,
+    device: str = "cpu",
+    throughput_batch: int = 64,
+) -> dict[str, Any]:
+    """Size, speed and quality of a model; with ``dense`` also its fidelity and speed-up against it."""
+    from amp import evaluate as ev
+    from amp.pipeline import EvalData, quality
+
     stats = model_stats(backbone)
-    return {"params": stats.params, "mlp_params": stats.mlp_params, "flops": stats.flops, "widths": backbone.widths()}
+    data = EvalData(classification, retrieval, knn_train, max_images=max_images)
+    report: dict[str, Any] = {
+        "params_M": stats.params / 1e6,
+        "mlp_params_M": stats.mlp_params / 1e6,
+        "gflops": stats.flops / 1e9,
+        "widths": backbone.widths(),
+        **quality(backbone, data, batch_size, device, dense),
+    }
+    if dense is not None:
+        speed = ev.compare_throughput(dense, backbone, batch_size=throughput_batch, device=device)
+        report.update({"images_per_s": speed["pruned"], "dense_images_per_s": speed["dense"]})
+        report["speedup"] = speed["speedup"]
+    else:
+        report["images_per_s"] = ev.throughput(backbone, batch_size=throughput_batch, device=device)
+    return report
 
 
 def write_json(path, data) -> None:

@@ -16,6 +16,7 @@ from amp.adapters import UnsupportedModelError
 from amp.criteria import CRITERIA, NonFiniteLossError
 from amp.data import DataSpecError
 from amp.models import ModelSpecError
+from amp.pipeline import PipelineConfig as PipelineDefaults
 
 USER_ERRORS = (ModelSpecError, DataSpecError, UnsupportedModelError, NonFiniteLossError, FileNotFoundError, ValueError)
 
@@ -140,10 +141,51 @@ def cmd_prune(args, save_model: bool = True) -> None:
 
 def cmd_eval(args) -> None:
     backbone = _load(args)
+    dense = api.load_model(args.dense, device=args.device) if args.dense else None
     report = api.evaluate(
-        backbone, args.data, batch_size=args.batch_size, max_images=args.max_images, device=args.device
+        backbone,
+        classification=args.classification,
+        retrieval=args.retrieval,
+        knn_train=args.knn_train,
+        dense=dense,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        device=args.device,
     )
+    if args.out:
+        api.write_json(args.out, report)
     print(json.dumps(report, indent=2))
+
+
+def cmd_demo(args) -> None:
+    from amp.pipeline import EvalData, PipelineConfig, markdown, run
+
+    defaults = PipelineConfig()
+    config = PipelineConfig(
+        model=args.model,
+        score_data=args.data or defaults.score_data,
+        val_data=args.val_data or args.data or defaults.val_data,
+        criterion=args.criterion,
+        temp_inv=args.temp_inv,
+        threshold=args.threshold,
+        steps=args.steps,
+        round_to=args.round_to,
+        batch_size=args.batch_size,
+        score_images=args.score_images,
+        val_images=args.val_images,
+        seed=args.seed,
+        device=args.device,
+        eval=EvalData(
+            classification=args.classification if args.classification != "none" else None,
+            retrieval=args.retrieval if args.retrieval != "none" else None,
+            knn_train=args.knn_train,
+            max_images=args.eval_images,
+        ),
+    )
+    start = time.perf_counter()
+    report = run(config, args.out)
+    print(markdown(report))
+    print(f"pruned model and REPORT.md in {args.out} ({time.perf_counter() - start:.0f} s in all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,8 +231,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model: size, speed and quality")
     _add_model(p)
-    _add_data(p, required=False)
+    p.add_argument("--classification", help="labelled data set (zero-shot for CLIP models, k-NN with --knn-train)")
+    p.add_argument("--retrieval", help="captioned data set (CLIP models)")
+    p.add_argument("--knn-train", help="labelled data set of k-NN neighbours")
+    p.add_argument("--dense", help="the unpruned model, for fidelity and speed-up")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--out", help="write the report as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job: score, search, prune, evaluate and report (offline default)")
+    p.add_argument("--model", default="zoo:tiny-clip")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", help="scoring data (default: captioned Fashion-MNIST, train subset)")
+    p.add_argument("--val-data", help="search data (default: --data, or the captioned validation subset)")
+    _add_criterion(p)
+    p.add_argument("--threshold", type=float, default=PipelineDefaults.threshold)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--score-images", type=int, default=PipelineDefaults.score_images)
+    p.add_argument("--val-images", type=int, default=PipelineDefaults.val_images)
+    p.add_argument("--eval-images", type=int, default=None)
+    p.add_argument("--classification", default="fashion-mnist:test-subset", help="labelled eval data, or none")
+    p.add_argument("--retrieval", default="fmnist-captions:test-subset", help="captioned eval data, or none")
+    p.add_argument("--knn-train", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
