@@ -92,6 +92,9 @@ def build_architecture(arch: dict[str, Any], device: str | torch.device = "cpu")
 
 def preprocess_for(arch: dict[str, Any], model: nn.Module) -> tuple[Callable | None, Callable | None]:
     """The eval image transform and (for CLIP models) the tokenizer of an architecture, without its weights."""
+    from amp.zoo import ZOO_PREPROCESS
+
+    zoo_preprocess = ZOO_PREPROCESS.get(arch.get("zoo", ""))
     if arch["family"] == "open_clip":
         import open_clip
         from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -99,10 +102,12 @@ def preprocess_for(arch: dict[str, Any], model: nn.Module) -> tuple[Callable | N
         visual = adapter_for(model).vision(model)
         cfg = PreprocessCfg(**getattr(visual, "preprocess_cfg", {}))
         tokenizer = open_clip.get_tokenizer(arch["name"]) if hasattr(model, "encode_text") else None
-        return image_transform_v2(cfg, is_train=False), tokenizer
+        return (zoo_preprocess or (lambda _: image_transform_v2(cfg, is_train=False)))(model), tokenizer
     if arch["family"] == "timm":
         from timm.data import create_transform, resolve_data_config
 
+        if zoo_preprocess is not None:
+            return zoo_preprocess(model), None
         input_size = adapter_for(model).input_size(model)
         return create_transform(**resolve_data_config({"input_size": input_size}, model=model)), None
     return None, None

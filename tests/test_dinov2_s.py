@@ -108,7 +108,12 @@ def test_backbone_record_sites_and_preprocess(backbone):
     from PIL import Image
 
     assert backbone.spec == "zoo:dinov2-s"
-    assert backbone.arch == {"family": "timm", "name": "vit_small_patch14_dinov2", "kwargs": D.TIMM_KWARGS}
+    assert backbone.arch == {
+        "family": "timm",
+        "name": "vit_small_patch14_dinov2",
+        "kwargs": D.TIMM_KWARGS,
+        "zoo": "dinov2-s",
+    }
     assert backbone.info["weights"] == D.WEIGHTS_INFO
     sites = backbone.adapter.sites(backbone.model)
     assert len(sites) == 12 and all(s.hidden == 1536 for s in sites)

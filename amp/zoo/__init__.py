@@ -11,11 +11,15 @@ from collections.abc import Callable
 from amp.models import Backbone, ModelSpecError, register_source
 
 ZOO: dict[str, Callable[..., Backbone]] = {}
+# name -> (model -> eval transform): lets a pruned zoo model, rebuilt without its loader, preprocess as its base did
+ZOO_PREPROCESS: dict[str, Callable] = {}
 _ZOO_MODULES = ("amp.zoo.tiny_clip", "amp.zoo.dinov2_s")
 
 
-def register_zoo_model(name: str, loader: Callable[..., Backbone]) -> None:
+def register_zoo_model(name: str, loader: Callable[..., Backbone], preprocess: Callable | None = None) -> None:
     ZOO[name] = loader
+    if preprocess is not None:
+        ZOO_PREPROCESS[name] = preprocess
 
 
 def import_zoo_modules() -> None:
@@ -32,7 +36,9 @@ def _load_zoo(rest: str, device: str, **kwargs) -> Backbone:
     import_zoo_modules()
     if rest not in ZOO:
         raise ModelSpecError(f"unknown zoo model {rest!r}; available: {sorted(ZOO)}")
-    return ZOO[rest](device=device, **kwargs)
+    backbone = ZOO[rest](device=device, **kwargs)
+    backbone.arch = {**backbone.arch, "zoo": rest}
+    return backbone
 
 
 register_source("zoo", _load_zoo)

@@ -36,12 +36,12 @@ import json
 import math
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from amp.io import atomic_write
 from amp.models import Backbone, ModelSpecError
 from amp.zoo import register_zoo_model
 
@@ -219,20 +219,6 @@ def convert_onnx(path: str | os.PathLike, img_size: int = IMG_SIZE) -> dict[str,
 # --- cache ----------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a unique file beside ``path``, then rename it over ``path`` (readers never see half)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def cached_state_dict(
     root: str | os.PathLike | None = None, refresh: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -274,8 +260,8 @@ def cached_state_dict(
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {k: json.dumps(v) for k, v in expected.items()}
     # weights first, then the sidecar: a sidecar only ever describes a complete weights file
-    _atomic_write(weights_file, lambda tmp: Path(tmp).write_bytes(save(sd, metadata=metadata)))
-    _atomic_write(sidecar_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+    atomic_write(weights_file, lambda tmp: Path(tmp).write_bytes(save(sd, metadata=metadata)))
+    atomic_write(sidecar_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
     return sd, {**record, "cache_hit": False}
 
 
@@ -320,4 +306,4 @@ def load_dinov2_s(device: str | torch.device = "cpu", cache_dir: str | os.PathLi
     return Backbone(model, adapter_for(model), SPEC, arch, preprocess=eval_transform(), info=info)
 
 
-register_zoo_model(ZOO_NAME, load_dinov2_s)
+register_zoo_model(ZOO_NAME, load_dinov2_s, preprocess=lambda _model: eval_transform())
