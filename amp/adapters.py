@@ -357,7 +357,37 @@ class TimmAdapter(BackboneAdapter):
         return not isinstance(model.head, nn.Identity)
 
 
-ADAPTERS: list[BackboneAdapter] = [OpenClipAdapter(), TimmAdapter()]
+class OpenClipTimmAdapter(TimmAdapter):
+    """open_clip CLIP whose image tower is a timm trunk (``TimmModel``: open_clip's EVA02-CLIP configs, ...)."""
+
+    family = "open_clip_timm"
+
+    def matches(self, model: nn.Module) -> bool:
+        visual = getattr(model, "visual", None)
+        return type(visual).__name__ == "TimmModel" and super().matches(getattr(visual, "trunk", None))
+
+    def vision(self, model: nn.Module) -> nn.Module:
+        return model.visual
+
+    def blocks(self, model: nn.Module) -> nn.Sequential | nn.ModuleList:
+        return model.visual.trunk.blocks
+
+    def block_prefix(self, model: nn.Module) -> str:
+        return "visual.trunk.blocks"
+
+    def embed(self, model: nn.Module, images: torch.Tensor, project: bool = False) -> torch.Tensor:
+        if project:
+            return model.visual(images)
+        return super().embed(model.visual.trunk, images, project=False)
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        return (3, *model.visual.image_size)
+
+    def has_projection(self, model: nn.Module) -> bool:
+        return True
+
+
+ADAPTERS: list[BackboneAdapter] = [OpenClipAdapter(), OpenClipTimmAdapter(), TimmAdapter()]
 
 
 def register_adapter(adapter: BackboneAdapter, first: bool = True) -> None:
