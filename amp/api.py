@@ -104,7 +104,8 @@ def search(
             widths = global_widths(scores, ratio, round_to)
         else:
             raise ValueError(f"unknown allocation {allocation!r}; choose amp, uniform or global")
-        result = apply_widths(backbone, scores, widths, batches, crit, device=device)
+        compensation = {k: amp_options[k] for k in ("compensation", "ridge") if k in amp_options}
+        result = apply_widths(backbone, scores, widths, batches, crit, device=device, **compensation)
         result.config.update({"method": allocation, "ratio": ratio, "round_to": round_to})
     backbone.info["dense_widths"] = dense_widths
     backbone.info.setdefault("base_model", backbone.spec)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from amp import api
+from amp import distill as distill_cli
 from amp.adapters import UnsupportedModelError
 from amp.criteria import CRITERIA, NonFiniteLossError
 from amp.data import DataSpecError
@@ -120,6 +121,8 @@ def cmd_prune(args, save_model: bool = True) -> None:
         rule=args.rule,
         reference=args.reference,
         round_to=args.round_to,
+        compensation=args.compensate,
+        ridge=args.ridge,
         criterion=args.criterion,
         temp_inv=args.temp_inv,
         batch_size=args.batch_size,
@@ -224,10 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--rule", choices=("increase", "absolute"), default="increase")
         p.add_argument("--reference", choices=("previous", "dense"), default="previous")
         p.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this")
+        p.add_argument(
+            "--compensate",
+            choices=("none", "bias", "lstsq"),
+            default="none",
+            help="training-free correction of fc_out for the removed units (in every probe and the result)",
+        )
+        p.add_argument("--ridge", type=float, default=1e-4, help="lstsq ridge, relative to the kept units' variance")
         p.add_argument("--no-cache", action="store_true", help="run the full model for every probe")
         p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
         p.add_argument("--out", required=True, help="output directory")
         p.set_defaults(func=lambda a, save=save: cmd_prune(a, save_model=save))
+
+    p = sub.add_parser("distill", help="recover a pruned model by distillation from its dense original")
+    distill_cli.add_arguments(p)
+    p.set_defaults(func=distill_cli.run)
 
     p = sub.add_parser("eval", help="evaluate a model: size, speed and quality")
     _add_model(p)

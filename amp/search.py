@@ -24,8 +24,10 @@ from tqdm.auto import tqdm
 
 from amp.criteria import Criterion, check_finite
 from amp.io import read_json, write_json
+from amp.recovery import METHODS as COMPENSATIONS
+from amp.recovery import calibration_stats, slice_and_compensate
 from amp.scoring import Scores
-from amp.surgery import keep_units, snapshot
+from amp.surgery import snapshot
 
 RULES = ("increase", "absolute")
 REFERENCES = ("previous", "dense")
@@ -169,6 +171,8 @@ def amp_search(
     rule: str = "increase",
     reference: str = "previous",
     round_to: int = 1,
+    compensation: str = "none",
+    ridge: float = 1e-4,
     cache: bool = True,
     cache_gb: float = 4.0,
     state_path: str | Path | None = None,
@@ -187,7 +191,9 @@ def amp_search(
       and compounds; ``dense``: the unpruned model's loss, a global budget.
 
     ``batches`` is the validation set as a list of (images, targets), kept in memory so every probe sees the
-    same batches. ``cache_gb`` bounds the memory of stashed block inputs. With ``state_path`` each finished
+    same batches. ``compensation`` (``bias``/``lstsq``, :mod:`amp.recovery`) corrects fc_out for the removed
+    units in every probe and in the result, from calibration statistics of the dense model on ``batches``.
+    ``cache_gb`` bounds the memory of stashed block inputs. With ``state_path`` each finished
     layer is written atomically; ``resume=True`` continues from it to the same widths.
     """
     if threshold < 0 or not math.isfinite(threshold):
@@ -196,6 +202,8 @@ def amp_search(
         raise ValueError(f"rule must be one of {RULES} and reference one of {REFERENCES}")
     if steps < 1 or round_to < 1:
         raise ValueError("steps and round_to must be ≥ 1")
+    if compensation not in COMPENSATIONS:
+        raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
     batches = list(batches)
     if not batches:
         raise ValueError("the validation data set yielded no batches")
@@ -211,20 +219,27 @@ def amp_search(
         "rule": rule,
         "reference": reference,
         "round_to": round_to,
+        "compensation": compensation,
+        "ridge": ridge,
         "criterion": criterion.describe(),
         "scores": _fingerprint(scores),
         "images": sum(len(images) for images, _ in batches),
     }
     backbone.model.eval()
     evaluator = _Evaluator(backbone, batches, criterion, device, cache, cache_gb)
+    stats = _calibrate(backbone, batches, compensation, device)
+
+    def cut(layer: int, width: int, original) -> None:
+        slice_and_compensate(sites[layer], orders[layer][:width], original, stats.get(layer), compensation, ridge)
+
     state = {"config": config, "dense_loss": evaluator.dense_loss, "reference": evaluator.dense_loss, "done": {}}
     state["probes"] = []
     if resume and state_path and Path(state_path).is_file():
-        state = _resume(state_path, config, sites, orders, evaluator.dense_loss)
+        state = _resume(state_path, config, sites, cut, evaluator.dense_loss)
     ref = state["reference"]
     todo = [layer for layer in reversed(range(len(sites))) if str(layer) not in state["done"]]
     for layer in tqdm(todo, desc="search", unit="layer", disable=not progress):
-        site, order = sites[layer], orders[layer]
+        site = sites[layer]
         original = snapshot(site)
         evaluator.cache_inputs(layer)
         lo, hi, best, best_loss = 0, site.hidden, site.hidden, None
@@ -232,7 +247,7 @@ def amp_search(
             width = round_width((lo + hi) // 2, round_to, site.hidden)
             if width >= hi or width <= lo:
                 break  # the resolution is exhausted
-            keep_units(site, order[:width], original)
+            cut(layer, width, original)
             loss = evaluator.loss()
             accepted = _accept(loss, ref, threshold, rule)
             state["probes"].append(asdict(Probe(layer, width, loss, ref, accepted)))
@@ -240,7 +255,7 @@ def amp_search(
                 hi, best, best_loss = width, width, loss
             else:
                 lo = width
-        keep_units(site, order[:best], original)  # units stored best-first, even when all are kept
+        cut(layer, best, original)  # units stored best-first, even when all are kept
         if reference == "previous" and best_loss is not None:
             ref = best_loss
         state["done"][str(layer)] = best
@@ -262,7 +277,14 @@ def amp_search(
     )
 
 
-def _resume(state_path, config, sites, orders, dense_loss) -> dict[str, Any]:
+def _calibrate(backbone, batches, compensation: str, device) -> dict:
+    """Hidden-unit statistics of the dense model, which compensation needs (none for ``compensation='none'``)."""
+    if compensation == "none":
+        return {}
+    return calibration_stats(backbone, batches, device=device, second=compensation == "lstsq")
+
+
+def _resume(state_path, config, sites, cut, dense_loss) -> dict[str, Any]:
     state = read_json(state_path)
     if state.get("config") != json.loads(json.dumps(config)):
         raise ValueError(
@@ -272,7 +294,7 @@ def _resume(state_path, config, sites, orders, dense_loss) -> dict[str, Any]:
     if not math.isclose(state["dense_loss"], dense_loss, rel_tol=0, abs_tol=1e-6):
         raise ValueError(f"{state_path}: the dense loss differs ({state['dense_loss']} vs {dense_loss}); data changed?")
     for layer, width in state["done"].items():
-        keep_units(sites[int(layer)], orders[int(layer)][:width])
+        cut(int(layer), width, snapshot(sites[int(layer)]))
     return state
 
 
@@ -296,13 +318,23 @@ def apply_widths(
     batches: Sequence[tuple[torch.Tensor, Any]],
     criterion: Criterion,
     device: str | torch.device | None = None,
+    compensation: str = "none",
+    ridge: float = 1e-4,
 ) -> SearchResult:
     """Prune to preset ``widths`` (uniform/global baselines), measuring the loss before and after like the search."""
     device = torch.device(device or next(backbone.model.parameters()).device)
-    evaluator = _Evaluator(backbone, list(batches), criterion, device, cache=False)
+    batches = list(batches)
+    evaluator = _Evaluator(backbone, batches, criterion, device, cache=False)
+    stats = _calibrate(backbone, batches, compensation, device)
     for site, order, width in zip(backbone.sites(), scores.orders(), widths):
         if not 1 <= width <= site.hidden:
             raise ValueError(f"{site.name}: width {width} outside [1, {site.hidden}]")
-        keep_units(site, order[:width])
-    config = {"method": "preset", "criterion": criterion.describe(), "scores": _fingerprint(scores)}
+        slice_and_compensate(site, order[:width], snapshot(site), stats.get(site.index), compensation, ridge)
+    config = {
+        "method": "preset",
+        "criterion": criterion.describe(),
+        "scores": _fingerprint(scores),
+        "compensation": compensation,
+        "ridge": ridge,
+    }
     return SearchResult(list(widths), scores.widths, evaluator.dense_loss, evaluator.loss(), [], config)

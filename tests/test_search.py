@@ -82,9 +82,11 @@ def test_rules_and_references_change_the_outcome_as_defined():
         assert sum(results["absolute", reference].widths) >= sum(results["increase", reference].widths)
 
 
-def test_resume_after_interruption_gives_the_same_widths(tmp_path):
+@pytest.mark.parametrize("compensation", ["none", "lstsq"])
+def test_resume_after_interruption_gives_the_same_widths(tmp_path, compensation):
     backbone, scores = _setup()
-    expected = amp_search(backbone, scores, _val(backbone), Entropy(5.0), threshold=2e-3, progress=False)
+    opts = dict(compensation=compensation, progress=False)
+    expected = amp_search(backbone, scores, _val(backbone), Entropy(5.0), threshold=2e-3, **opts)
 
     state = tmp_path / "state.json"
 
@@ -95,15 +97,14 @@ def test_resume_after_interruption_gives_the_same_widths(tmp_path):
     backbone = tiny("open_clip")
     with pytest.raises(KeyboardInterrupt):
         amp_search(
-            backbone, scores, _val(backbone), Entropy(5.0), 2e-3, state_path=state, on_layer_done=crash, progress=False
+            backbone, scores, _val(backbone), Entropy(5.0), 2e-3, state_path=state, on_layer_done=crash, **opts
         )
     assert set(json.loads(state.read_text())["done"]) == {"2", "1"}
     backbone = tiny("open_clip")  # a fresh process: the dense model again
-    resumed = amp_search(
-        backbone, scores, _val(backbone), Entropy(5.0), 2e-3, state_path=state, resume=True, progress=False
-    )
+    resumed = amp_search(backbone, scores, _val(backbone), Entropy(5.0), 2e-3, state_path=state, resume=True, **opts)
     assert resumed.widths == expected.widths
     assert [p.loss for p in resumed.probes] == [p.loss for p in expected.probes]
+    assert resumed.final_loss == expected.final_loss  # compensated layers are restored exactly too
 
     with pytest.raises(ValueError, match="other settings"):
         amp_search(

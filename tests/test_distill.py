@@ -1,0 +1,202 @@
+"""Distillation of a pruned tower from its dense original (amp.distill)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+
+import pytest
+import torch
+from conftest import tiny
+
+from amp.data import SyntheticImages
+from amp.distill import distill, distill_loss, head_parameter_names, load_checkpoint, lr_factor
+from amp.scoring import magnitude_scores
+from amp.surgery import prune
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: threads only contend with the other test workers on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pair(name: str = "timm_vit", ratio: float = 0.5):
+    """(student, teacher): the teacher a tiny model, the student its magnitude-pruned copy."""
+    teacher = tiny(name)
+    student = copy.deepcopy(teacher)
+    orders = magnitude_scores(student).orders()
+    prune(student.sites(), orders, [max(1, int(ratio * w)) for w in student.widths()])
+    return student, teacher
+
+
+def _tower_state(backbone) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in backbone.vision.state_dict().items()}
+
+
+def test_lr_schedule_warms_up_then_decays():
+    factors = [lr_factor(s, 10, 2, 0.1) for s in range(10)]
+    assert factors[:2] == [0.5, 1.0]
+    assert all(a >= b for a, b in itertools.pairwise(factors[1:]))
+    assert factors[-1] > 0.1 and lr_factor(10, 10, 2, 0.1) == pytest.approx(0.1)
+
+
+def test_losses():
+    t = torch.randn(4, 5, 8)
+    assert float(distill_loss(t, t, "mse_tokens")) == 0
+    s = t.clone()
+    s[:, 0] += 1  # CLS off by one everywhere: the CLS term is 1, the patch term 0
+    assert float(distill_loss(s, t, "mse_tokens")) == pytest.approx(1.0)
+    e = torch.randn(6, 8)
+    assert float(distill_loss(e, e, "cosine")) == pytest.approx(0, abs=1e-6)
+    assert float(distill_loss(e, e, "similarity_kl")) == pytest.approx(0, abs=1e-6)
+    assert float(distill_loss(e + torch.randn(6, 8), e, "similarity_kl")) > 0
+
+
+def test_loss_decreases_and_only_the_vision_tower_trains():
+    student, teacher = _pair("open_clip")
+    text_before = {k: v.clone() for k, v in student.model.state_dict().items() if not k.startswith("visual.")}
+    heads = head_parameter_names(student.vision)
+    assert set(heads) == {"ln_post.weight", "ln_post.bias", "proj"}
+    with torch.no_grad():
+        student.vision.ln_post.weight.add_(0.1)  # a different head: replaced by the teacher's
+    result = distill(student, teacher, SyntheticImages(64, 32), 20, batch_size=8, lr=2e-3, warmup=2, progress=False)
+    losses = [h["loss"] for h in result["history"]]
+    assert len(losses) == 20 and result["images"] == 160 and result["images_per_s"] > 0
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
+    after = student.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in text_before.items())  # text tower untouched
+    for name in heads:
+        assert torch.equal(dict(student.vision.named_parameters())[name], dict(teacher.vision.named_parameters())[name])
+    assert not student.model.training and all(p.requires_grad for p in student.model.parameters())
+
+
+def test_cosine_loss_with_a_trained_head_decreases():
+    student, teacher = _pair("timm_vit", ratio=0.25)
+    result = distill(
+        student,
+        teacher,
+        SyntheticImages(32, 32),
+        10,
+        batch_size=8,
+        lr=2e-3,
+        warmup=1,
+        loss="cosine",
+        train_head=True,
+        progress=False,
+    )
+    losses = [h["loss"] for h in result["history"]]
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="train_head"):
+        distill(student, teacher, SyntheticImages(32, 32), 1, batch_size=8, train_head=True, progress=False)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    student, teacher = _pair("timm_vit")
+    start = copy.deepcopy(student)
+    data = SyntheticImages(40, 32)  # 5 batches per epoch: 6 steps cross an epoch boundary
+    options = dict(batch_size=8, lr=1e-3, warmup=2, progress=False, seed=3)
+    straight = distill(student, teacher, data, 6, **options)
+
+    interrupted = copy.deepcopy(start)
+
+    def crash(step, _loss):
+        if step == 3:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        distill(interrupted, teacher, data, 6, checkpoint_dir=tmp_path, checkpoint_every=3, on_step=crash, **options)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 3 and state["position"] == [0, 3]
+    resumed_student = copy.deepcopy(start)  # a fresh process: weights come from the checkpoint
+    resumed = distill(
+        resumed_student, teacher, data, 6, checkpoint_dir=tmp_path, checkpoint_every=3, resume=True, **options
+    )
+    assert resumed["resumed_from"] == 3
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    a, b = _tower_state(student), _tower_state(resumed_student)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="other settings"):
+        distill(copy.deepcopy(start), teacher, data, 7, checkpoint_dir=tmp_path, resume=True, **options)
+
+
+# --- DDP ------------------------------------------------------------------------------------------------
+
+DDP_STEPS, DDP_BATCH = 4, 8
+
+
+def _ddp_worker(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        student, teacher = _pair("timm_vit")
+        distill(
+            student,
+            teacher,
+            SyntheticImages(24, 32),
+            DDP_STEPS,
+            batch_size=DDP_BATCH,
+            lr=1e-3,
+            warmup=1,
+            progress=False,
+            device="cpu",
+            checkpoint_dir=tmp,
+            checkpoint_every=2,
+        )
+        if rank == 0:
+            torch.save(_tower_state(student), os.path.join(tmp, "ddp.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    # fork where available: the children need not import torch, timm and open_clip again (spawn takes ~30 s here)
+    method = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
+    torch.multiprocessing.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method=method)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    student, teacher = _pair("timm_vit")
+    before = _tower_state(student)
+    distill(
+        student,
+        teacher,
+        SyntheticImages(24, 32),
+        DDP_STEPS,
+        batch_size=DDP_BATCH,
+        lr=1e-3,
+        warmup=1,
+        progress=False,
+        device="cpu",
+    )
+    single = _tower_state(student)
+    moved = max(float((single[k] - before[k]).abs().max()) for k in single)
+    assert moved > 1e-4  # training happened
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], atol=2e-6, rtol=1e-5)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["world_size"] == 2
+
+
+def test_main_distils_a_saved_pruned_model(tmp_path, capsys):
+    from amp.distill import main
+    from amp.io import load_pruned, read_json, save_pruned
+
+    student, _ = _pair("open_clip")
+    save_pruned(student, tmp_path / "pruned")
+    argv = ["--student", str(tmp_path / "pruned"), "--teacher", "open_clip:amp-test-tiny", "--data", "synthetic:16:32"]
+    argv += ["--steps", "3", "--batch-size", "8", "--out", str(tmp_path / "out"), "--no-progress", "--seed", "1"]
+    assert main(argv) == 0
+    assert "model written to" in capsys.readouterr().out
+    meta = read_json(tmp_path / "out" / "amp.json")
+    assert meta["distill"]["steps"] == 3 and meta["distill"]["teacher"] == "open_clip:amp-test-tiny"
+    assert meta["widths"] == student.widths()
+    load_pruned(tmp_path / "out")
+    assert main([*argv, "--resume"]) == 0  # the finished checkpoint: nothing left to do
+    assert main([*argv[:-2], "--seed", "2", "--resume"]) == 2  # other settings than the checkpoint's
+    assert "other settings" in capsys.readouterr().err
