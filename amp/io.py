@@ -103,6 +103,18 @@ def save_pruned(backbone, path: str | Path, **provenance: Any) -> Path:
     return path
 
 
+def _add_compensation_biases(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Compensation may give a bias-less fc_out a bias; make room for it so the strict load still checks the rest."""
+    expected = set(model.state_dict())
+    for key in tensors:
+        owner, _, leaf = key.rpartition(".")
+        if key in expected or leaf != "bias":
+            continue
+        module = model.get_submodule(owner)
+        if isinstance(module, nn.Linear) and module.bias is None:
+            module.bias = nn.Parameter(torch.empty(module.out_features, device="meta"))
+
+
 def load_pruned(path: str | Path, device: str = "cpu"):
     """Rebuild a model saved by :func:`save_pruned`: architecture on meta, widths applied, tensors loaded strictly."""
     from amp.adapters import adapter_for
@@ -122,6 +134,7 @@ def load_pruned(path: str | Path, device: str = "cpu"):
         set_width(site, width)
     tensors = load_file(str(path / MODEL_FILE), device=str(device))
     buffers = {k[len(BUFFER_PREFIX) :]: tensors.pop(k) for k in list(tensors) if k.startswith(BUFFER_PREFIX)}
+    _add_compensation_biases(model, tensors)
     model.load_state_dict(tensors, strict=True, assign=True)
     for name, value in buffers.items():
         owner, _, leaf = name.rpartition(".")

@@ -62,3 +62,15 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         atomic_write(target, fail)
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_a_bias_added_by_compensation_survives_the_round_trip(tmp_path):
+    spec, kwargs = TINY_MODELS["timm_vit"]
+    backbone = load_model(spec, **kwargs, proj_bias=False)  # MLPs without biases ...
+    site = backbone.sites()[0]
+    assert site.fc_out.bias is None
+    site.fc_out.bias = torch.nn.Parameter(torch.randn(site.fc_out.out_features))  # ... one given a bias
+    save_pruned(backbone, tmp_path / "m")
+    x = images_for(backbone)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path / "m").embed(x), backbone.embed(x))
