@@ -14,31 +14,8 @@ The pieces are separate modules: :mod:`amp.adapters` (a uniform view of each bac
 :mod:`amp.accounting`, :mod:`amp.evaluate`, :mod:`amp.data`.
 """
 
-from amp.api import (
-    Backbone,
-    evaluate,
-    load_model,
-    load_pruned,
-    load_scores,
-    loader,
-    model_stats,
-    save_pruned,
-    save_scores,
-    score,
-    search,
-)
+from amp import api
+from amp.api import *  # noqa: F403  the front door, listed in amp.api.__all__
 
 __version__ = "0.1.0"
-__all__ = [
-    "Backbone",
-    "evaluate",
-    "load_model",
-    "load_pruned",
-    "load_scores",
-    "loader",
-    "model_stats",
-    "save_pruned",
-    "save_scores",
-    "score",
-    "search",
-]
+__all__ = list(api.__all__)
