@@ -55,6 +55,7 @@ def score(
     seed: int = 0,
     signed: bool = False,
     device: str | None = None,
+    checkpoint: bool = False,
 ) -> Scores:
     """Importance of every MLP hidden unit: ``taylor`` under a criterion, or the ``magnitude``/``random`` baselines."""
     if method == "magnitude":
@@ -65,7 +66,9 @@ def score(
         raise ValueError(f"unknown scoring method {method!r}; choose taylor, magnitude or random")
     data = loader(backbone, data, batch_size, seed)
     crit = build_criterion(criterion, backbone, temp_inv, _dataset_of(data), device or "cpu")
-    scores = taylor_scores(backbone, data, crit, signed=signed, max_images=max_images, device=device)
+    scores = taylor_scores(
+        backbone, data, crit, signed=signed, max_images=max_images, device=device, checkpoint=checkpoint
+    )
     scores.meta["data"] = data if isinstance(data, str) else type(_dataset_of(data)).__name__
     return scores
 
@@ -124,7 +127,7 @@ def evaluate(
     throughput_batch: int = 64,
 ) -> dict[str, Any]:
     """Size, speed and quality of a model; with ``dense`` also its fidelity and speed-up against it."""
-    from amp import evaluate as ev
+    from amp.evaluate import compare_throughput, throughput
     from amp.pipeline import EvalData, quality
 
     stats = model_stats(backbone)
@@ -137,11 +140,11 @@ def evaluate(
         **quality(backbone, data, batch_size, device, dense),
     }
     if dense is not None:
-        speed = ev.compare_throughput(dense, backbone, batch_size=throughput_batch, device=device)
+        speed = compare_throughput(dense, backbone, batch_size=throughput_batch, device=device)
         report.update({"images_per_s": speed["pruned"], "dense_images_per_s": speed["dense"]})
         report["speedup"] = speed["speedup"]
     else:
-        report["images_per_s"] = ev.throughput(backbone, batch_size=throughput_batch, device=device)
+        report["images_per_s"] = throughput(backbone, batch_size=throughput_batch, device=device)
     return report
 
 

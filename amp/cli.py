@@ -93,6 +93,7 @@ def _scores(args, backbone):
         seed=args.seed,
         signed=getattr(args, "signed", False),
         device=args.device,
+        checkpoint=getattr(args, "checkpoint", False),
     )
 
 
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_criterion(p)
     p.add_argument("--method", choices=("taylor", "magnitude", "random"), default="taylor")
     p.add_argument("--signed", action="store_true", help="keep the sign of the per-image Taylor sums")
+    p.add_argument("--checkpoint", action="store_true", help="recompute blocks in backward (less memory)")
     p.add_argument("--out", required=True, help="scores file (.safetensors)")
     p.set_defaults(func=cmd_score)
 

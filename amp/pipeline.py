@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from amp import api
-from amp import evaluate as ev
 from amp.data import load_dataset, make_loader
+from amp.evaluate import compare_throughput, embedding_fidelity, knn_eval, retrieval, zero_shot_classification
 from amp.io import atomic_write, write_json
 
 
@@ -92,19 +92,19 @@ def quality(backbone, data: EvalData, batch_size: int = 64, device: str = "cpu",
         classes = getattr(loader.dataset, "classes", None)
         if backbone.is_clip and classes:
             templates = data.templates or getattr(loader.dataset, "templates", None)
-            zs = ev.zero_shot_classification(backbone, loader, list(classes), templates, device=device)
+            zs = zero_shot_classification(backbone, loader, list(classes), templates, device=device)
             metrics.update({"zero_shot_top1": zs["top1"], "zero_shot_top5": zs["top5"]})
         if data.knn_train:
             train = _loader(backbone, data.knn_train, batch_size, data.max_images)
-            knn = ev.knn_eval(backbone, train, loader, device=device, project=backbone.is_clip)
+            knn = knn_eval(backbone, train, loader, device=device, project=backbone.is_clip)
             metrics["knn_top1"] = knn["top1"]
     if data.retrieval and backbone.is_clip:
         loader = _loader(backbone, data.retrieval, batch_size, data.max_images)
-        metrics.update(ev.retrieval(backbone, loader, device=device))
+        metrics.update(retrieval(backbone, loader, device=device))
     fidelity_data = data.fidelity or data.classification
     if dense is not None and fidelity_data:
         loader = _loader(backbone, fidelity_data, batch_size, data.max_images)
-        metrics["fidelity_cosine"] = ev.embedding_fidelity(dense, backbone, loader, device=device)["mean_cosine"]
+        metrics["fidelity_cosine"] = embedding_fidelity(dense, backbone, loader, device=device)["mean_cosine"]
     return metrics
 
 
@@ -161,7 +161,7 @@ def run(config: PipelineConfig, out: str | Path, progress: bool = True) -> dict[
                 **quality(backbone, config.eval, config.batch_size, config.device, dense if name == "pruned" else None),
             }
     with timer("throughput"):
-        speed = ev.compare_throughput(dense, pruned, batch_size=config.throughput_batch, device=config.device)
+        speed = compare_throughput(dense, pruned, batch_size=config.throughput_batch, device=config.device)
     rows["dense"]["images_per_s"], rows["pruned"]["images_per_s"] = speed["dense"], speed["pruned"]
     report = {
         "model": config.model,

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from amp import distributed
 from amp.adapters import MLPSite
 from amp.criteria import Criterion, check_finite
 from amp.io import atomic_write
@@ -62,9 +63,34 @@ def load_scores(path: str | Path) -> Scores:
     return Scores([tensors[f"layer.{i}"] for i in range(len(tensors))], meta)
 
 
+class _Gate(torch.autograd.Function):
+    """y = x · gate, gate [B, H] broadcast over tokens. Saves x once, in its own dtype (under bf16 autocast no
+    fp32 copy of every h is kept for backward), and reduces ∂E/∂gate = Σ_tokens x·g in fp32, one image at a
+    time, so the fp32 temporaries are [T, H]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, gate)
+        return x * gate.view(gate.shape[0], *[1] * (x.dim() - 2), -1).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, gate = ctx.saved_tensors
+        grad_x = grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * gate.view(gate.shape[0], *[1] * (x.dim() - 2), -1).to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            tokens = tuple(range(x.dim() - 2))  # token dims of one image [..., H]
+            grad_gate = torch.stack([(xi.float() * gi.float()).sum(dim=tokens) for xi, gi in zip(x, grad)])
+        return grad_x, grad_gate
+
+
 @contextlib.contextmanager
 def gated(sites: list[MLPSite], gates: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Multiply each site's fc_out input by ``gates[site.index]`` (in fp32: its gradient sums in fp32)."""
+    """Multiply each site's fc_out input by ``gates[site.index]`` (its gradient reduced in fp32).
+
+    Keep this context open through ``backward()`` when blocks are checkpointed: recomputed blocks need the hooks.
+    """
 
     def hook_for(site: MLPSite):
         def hook(_module, args):
@@ -74,7 +100,7 @@ def gated(sites: list[MLPSite], gates: dict[int, torch.Tensor]) -> Iterator[None
                 raise RuntimeError(
                     f"{site.name}: fc_out input {tuple(x.shape)} is not batch-first [B, ..., {gate.shape[-1]}]"
                 )
-            return ((x.float() * gate.view(gate.shape[0], *[1] * (x.dim() - 2), -1)).to(x.dtype), *args[1:])
+            return (_Gate.apply(x, gate), *args[1:])
 
         return hook
 
@@ -84,6 +110,27 @@ def gated(sites: list[MLPSite], gates: dict[int, torch.Tensor]) -> Iterator[None
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def checkpointed(blocks) -> Iterator[None]:
+    """Every block under non-reentrant activation checkpointing: autograd keeps only block inputs (plus one
+    block's activations while it is recomputed). The gates exist before the forward pass, so a recomputed
+    block multiplies by the same tensors and the scores are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(blocks)
+    for block in blocks:
+
+        def forward(*args, _forward=block.forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def _batches(loader: Iterable, max_images: int | None) -> Iterator[tuple[torch.Tensor, Any]]:
@@ -104,11 +151,17 @@ def taylor_scores(
     device: str | torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    checkpoint: bool = False,
 ) -> Scores:
     """First-order Taylor importance of every MLP hidden unit under ``criterion``.
 
     Paper definition (default): per image, Σ over tokens of h·∂E/∂h, then |·|, then the mean over images.
-    ``signed=True`` keeps the sign (mean of the per-image sums) for analysis.
+    ``signed=True`` keeps the sign (mean of the per-image sums) for analysis. ``checkpoint=True`` recomputes
+    each block in backward (~0.4x the peak memory for ViT-B-16, ~10 % more time; benchmarks/README.md).
+
+    Under torchrun (:mod:`amp.distributed`), ``loader`` must be this rank's :func:`amp.distributed.sharded`
+    loader: the criterion is evaluated on the global batch of all ranks, and the scores, summed over
+    ranks, equal single-process scores of the same global batches.
     """
     if not criterion.scores_dense_model:
         raise ValueError(
@@ -118,6 +171,13 @@ def taylor_scores(
     model = backbone.model
     device = torch.device(device or next(model.parameters()).device)
     sites = backbone.sites()
+    several = distributed.world_size() > 1
+    if several:
+        if max_images is not None:
+            raise ValueError("max_images counts local images; under torchrun limit the data set given to sharded()")
+        distributed.check_same_length(loader)
+        criterion = distributed.GlobalCriterion(criterion)
+        progress = progress and distributed.rank() == 0
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     model.eval().requires_grad_(False)  # only the gates need gradients
     sums = [torch.zeros(site.hidden, dtype=torch.float64) for site in sites]
@@ -128,12 +188,14 @@ def taylor_scores(
             images = images.to(device)
             gates = {s.index: torch.ones(len(images), s.hidden, device=device, requires_grad=True) for s in sites}
             autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-            with gated(sites, gates), autocast:
-                features = backbone.embed(images, project=criterion.needs_projection)
-                with torch.no_grad():
-                    context = criterion.context(targets, features.detach())
-                loss = check_finite(criterion(features, context), f"scoring batch {batches}")
-            loss.backward()
+            blocks = backbone.adapter.blocks(model) if checkpoint else ()
+            with gated(sites, gates), checkpointed(blocks):  # open through backward: recomputation needs them
+                with autocast:
+                    features = backbone.embed(images, project=criterion.needs_projection)
+                    with torch.no_grad():
+                        context = criterion.context(targets, features.detach())
+                    loss = check_finite(criterion(features, context), f"scoring batch {batches}")
+                loss.backward()
             for site, total in zip(sites, sums):
                 per_image = gates[site.index].grad.double()  # [B, H] = Σ_t h·∂E/∂h per image
                 total += (per_image if signed else per_image.abs()).sum(0).cpu()
@@ -143,6 +205,9 @@ def taylor_scores(
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(requires[name])
+    if several:  # every rank returns the scores of all ranks' images
+        sums = [distributed.all_reduce_sum(total) for total in sums]
+        images_seen = int(distributed.all_reduce_sum(torch.tensor(float(images_seen), dtype=torch.float64)))
     if images_seen == 0:
         raise ValueError("the scoring data set yielded no images")
     meta = {
@@ -153,6 +218,7 @@ def taylor_scores(
         "batches": batches,
         "model": backbone.spec,
         "dense_widths": [s.hidden for s in sites],
+        "world_size": distributed.world_size(),
     }
     return Scores([(total / images_seen).float() for total in sums], meta)
 

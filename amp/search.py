@@ -102,15 +102,19 @@ class _Evaluator:
     def __init__(self, backbone, batches, criterion: Criterion, device, cache: bool, cache_gb: float = 4.0):
         self.backbone, self.criterion, self.device, self.cache = backbone, criterion, device, cache
         self.images = [images.to(device) for images, _ in batches]
-        with torch.no_grad():
-            dense = [self._embed(images) for images in self.images]
-            self.contexts = [criterion.context(targets, f) for (_, targets), f in zip(batches, dense)]
-            self.dense_loss = self._mean(dense)
         self.layer: int | None = None
         self.inputs: list[torch.Tensor] = []
         self.stash: dict[int, list[torch.Tensor]] = {}
-        if cache:
-            self._fill_stash(cache_gb)
+        with torch.no_grad():
+            layers = self._stash_layers(cache_gb) if cache else []
+            dense = []
+            for images in self.images:  # one dense pass per batch gives both its features and its stash
+                features, found = self._dense_pass(images, layers)
+                dense.append(features)
+                for layer in layers:
+                    self.stash.setdefault(layer, []).append(found[layer])
+            self.contexts = [criterion.context(targets, f) for (_, targets), f in zip(batches, dense)]
+            self.dense_loss = self._mean(dense)
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.embed(images, project=self.criterion.needs_projection)
@@ -119,16 +123,31 @@ class _Evaluator:
         losses = [check_finite(self.criterion(f, c), "search") for f, c in zip(features, self.contexts)]
         return float(torch.stack(losses).mean())
 
-    @torch.no_grad()
-    def _fill_stash(self, cache_gb: float) -> None:
+    def _stash_layers(self, cache_gb: float) -> list[int]:
+        """Every ``stride``-th layer, the stride keeping the stash within ``cache_gb``."""
         adapter, model = self.backbone.adapter, self.backbone.model
         depth = len(adapter.blocks(model))
-        first = adapter.block_inputs(model, self.images[0][:1], [0])[0]
+        first = adapter.block_inputs(model, self.images[0][:1], [0])[0]  # one image: the size of a block input
         per_layer = first.numel() * first.element_size() * sum(len(images) for images in self.images)
         self.stride = max(1, math.ceil(depth * per_layer / (cache_gb * 2**30)))
-        layers = list(range(0, depth, self.stride))
-        by_batch = [adapter.block_inputs(model, images, layers) for images in self.images]
-        self.stash = {layer: [found[layer] for found in by_batch] for layer in layers}
+        return list(range(0, depth, self.stride))
+
+    def _dense_pass(self, images: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The embedding of ``images`` and, from the same forward pass, the inputs of blocks ``layers``."""
+        blocks, found = self.backbone.adapter.blocks(self.backbone.model), {}
+
+        def grab(layer: int):
+            def hook(_module, args):
+                found[layer] = args[0]
+
+            return hook
+
+        handles = [blocks[layer].register_forward_pre_hook(grab(layer)) for layer in layers]
+        try:
+            return self._embed(images), found
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @torch.no_grad()
     def cache_inputs(self, layer: int) -> None:
@@ -242,9 +261,10 @@ def amp_search(
         site = sites[layer]
         original = snapshot(site)
         evaluator.cache_inputs(layer)
-        lo, hi, best, best_loss = 0, site.hidden, site.hidden, None
+        hidden = site.hidden  # the dense width: site.hidden changes with every probe
+        lo, hi, best, best_loss = 0, hidden, hidden, None
         for _ in range(steps):
-            width = round_width((lo + hi) // 2, round_to, site.hidden)
+            width = round_width((lo + hi) // 2, round_to, hidden)
             if width >= hi or width <= lo:
                 break  # the resolution is exhausted
             cut(layer, width, original)

@@ -105,3 +105,13 @@ def test_baselines():
 def test_orders_rank_best_first_and_are_stable():
     scores = Scores([torch.tensor([0.1, 0.5, 0.5, 0.0])])
     assert scores.orders()[0].tolist() == [1, 2, 0, 3]
+
+
+@pytest.mark.parametrize("name", ["open_clip", "eva_norm"])
+def test_checkpointed_blocks_give_the_same_scores(name):
+    backbone = tiny(name)
+    batches = _batches(backbone)
+    plain = taylor_scores(backbone, batches, Entropy(5.0), progress=False)
+    checkpointed = taylor_scores(backbone, batches, Entropy(5.0), progress=False, checkpoint=True)
+    for a, b in zip(plain.values, checkpointed.values):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)

@@ -133,3 +133,16 @@ def test_preset_allocations():
     assert widths[0] == 192 and sum(widths) == pytest.approx(192, abs=2)
     with pytest.raises(ValueError, match="ratio"):
         uniform_widths([10], 0)
+
+
+def test_bisection_continues_after_a_rejection():
+    """A zero KL budget rejects every cut, so each probe moves up: 96, 144, 168, ... towards the dense width."""
+    from amp.scoring import magnitude_scores
+
+    backbone = tiny("open_clip")
+    hidden = backbone.widths()[-1]
+    result = amp_search(backbone, magnitude_scores(backbone), _val(backbone), KLToDense(5.0), 0.0, steps=6,
+                        progress=False)  # fmt: skip
+    last = [p.width for p in result.probes if p.layer == len(result.widths) - 1]
+    assert last == [hidden - hidden // 2**k for k in range(1, 7)]
+    assert result.widths == result.dense_widths
