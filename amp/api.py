@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from amp import distributed
 from amp.accounting import model_stats
 from amp.criteria import build_criterion
 from amp.data import load_dataset, make_loader
@@ -36,6 +37,8 @@ def loader(backbone: Backbone, data, batch_size: int = 32, seed: int = 0, shuffl
     if isinstance(data, str):
         data = load_dataset(data, backbone.preprocess)
     if isinstance(data, torch.utils.data.Dataset):
+        if distributed.world_size() > 1:  # under torchrun: this rank's slice of every global batch
+            return distributed.sharded(data, batch_size, seed=seed, shuffle=shuffle)
         return make_loader(data, batch_size, shuffle=shuffle, seed=seed)
     return data
 
@@ -92,6 +95,8 @@ def search(
     dense_widths = backbone.widths()
     val = loader(backbone, data, batch_size, seed)
     crit = build_criterion(criterion, backbone, temp_inv, _dataset_of(val), device or "cpu")
+    if distributed.world_size() > 1:  # the loss of the global batch, identical on every rank
+        crit = distributed.GlobalCriterion(crit)
     batches = materialise(val, max_images)
     if allocation == "amp":
         if threshold is None:

@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from amp import distributed
+
+    distributed.init_from_env()  # a no-op unless started by torchrun
     try:
         args.func(args)
     except USER_ERRORS as err:

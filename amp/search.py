@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from amp import distributed
 from amp.criteria import Criterion, check_finite
 from amp.io import read_json, write_json
 from amp.recovery import METHODS as COMPENSATIONS
@@ -280,7 +281,7 @@ def amp_search(
             ref = best_loss
         state["done"][str(layer)] = best
         state["reference"] = ref
-        if state_path:
+        if state_path and distributed.rank() == 0:  # one writer under torchrun; every rank has the same state
             write_json(state_path, state)
         if on_layer_done is not None:
             on_layer_done(layer)
