@@ -12,11 +12,10 @@ Variants:
 * ``reference`` (the paper's hooks, as in tests/test_scoring.py::reference_scores): a forward pre-hook on
   every fc_out keeps h (``retain_grad``); the first h is made the autograd leaf, parameters stay frozen;
   after backward the per-image Σ_t h·∂E/∂h is reduced from the stored h and h.grad.
-* ``gate``: :func:`amp.scoring.taylor_scores` as it is.
-* ``gate_fn``: taylor_scores with the gate multiply replaced by the custom autograd function proposed in
-  benchmarks/README.md (saves h once in its own dtype, reduces Σ_t h·g in fp32 in backward).
-* ``gate_ckpt``: taylor_scores with every block under non-reentrant activation checkpointing (the gates
-  exist before the forward pass, so a recomputed block multiplies by the same tensors).
+* ``gate``: :func:`amp.scoring.taylor_scores` as it is (the ``_Gate`` autograd function saves h once, in
+  its own dtype, and reduces Σ_t h·g in fp32 in backward).
+* ``gate_ckpt``: ``taylor_scores(..., checkpoint=True)``: every block under non-reentrant activation
+  checkpointing, the gate hooks kept open through backward.
 
     python benchmarks/scoring_memory.py                         # ViT-B-16, batch 32, fp32, CPU
     python benchmarks/scoring_memory.py --autocast bf16         # the paper's precision
@@ -41,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("reference", "gate", "gate_fn", "gate_ckpt")
+VARIANTS = ("reference", "gate", "gate_ckpt")
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -129,99 +128,14 @@ def reference_scores(backbone, images, criterion, autocast_dtype, counter) -> li
     return values
 
 
-class GateFunction(torch.autograd.Function):
-    """y = x·gate (gate [B, H] viewed as [B, 1.., H]); saves x in its own dtype; ∂/∂gate = Σ_t x·g in fp32."""
+def gate_scores(backbone, images, criterion, autocast_dtype, counter, checkpoint: bool) -> list[torch.Tensor]:
+    """amp.scoring.taylor_scores on the one batch, optionally with per-block activation checkpointing."""
+    from amp.scoring import taylor_scores
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, gate)
-        return x * gate.view(gate.shape[0], *[1] * (x.dim() - 2), -1).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, gate = ctx.saved_tensors
-        view = gate.view(gate.shape[0], *[1] * (x.dim() - 2), -1)
-        grad_x = grad * view.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        grad_gate = None
-        if ctx.needs_input_grad[1]:
-            tokens = tuple(range(1, x.dim() - 1))
-            # one image at a time: the fp32 temporaries are [T, H], never [B, T, H]
-            grad_gate = torch.stack(
-                [(xi.float() * gi.float()).sum(dim=tuple(d - 1 for d in tokens)) for xi, gi in zip(x, grad)]
-            ).to(gate.dtype)
-        return grad_x, grad_gate
-
-
-@contextlib.contextmanager
-def gated_fn(sites, gates):
-    """Drop-in for amp.scoring.gated using GateFunction."""
-
-    def hook_for(site):
-        def hook(_module, args):
-            x, gate = args[0], gates[site.index]
-            if x.shape[0] != gate.shape[0] or x.shape[-1] != gate.shape[-1]:
-                raise RuntimeError(f"{site.name}: fc_out input {tuple(x.shape)} is not batch-first")
-            return (GateFunction.apply(x, gate), *args[1:])
-
-        return hook
-
-    handles = [site.fc_out.register_forward_pre_hook(hook_for(site)) for site in sites]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def checkpointed(blocks):
-    """Run every block under non-reentrant activation checkpointing (instance-level forward override)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in blocks:
-        forward = block.forward
-
-        def wrapped(*args, _forward=forward, **kwargs):
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        block.forward = wrapped
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward
-
-
-def gate_scores(backbone, images, criterion, autocast_dtype, counter, variant) -> list[torch.Tensor]:
-    import amp.scoring
-
-    scoring = sys.modules["amp.scoring"]
-    patch, open_gates = contextlib.nullcontext(), []
-    if variant == "gate_fn":
-        scoring.gated = gated_fn
-    elif variant == "gate_ckpt":
-        # taylor_scores calls loss.backward() after leaving `gated`, so a recomputed block would run without
-        # its gate (CheckpointError: fewer tensors saved). Keep the gate hooks until scoring returns instead;
-        # the change recommended for amp/scoring.py is to call backward inside `with gated(...)`.
-        original = scoring.gated
-
-        @contextlib.contextmanager
-        def gated_through_backward(sites, gates):
-            context = original(sites, gates)
-            context.__enter__()
-            open_gates.append(context)
-            yield
-
-        scoring.gated = gated_through_backward
-        patch = checkpointed(list(backbone.adapter.blocks(backbone.model)))
-    try:
-        with saved_bytes(counter, backbone.model), patch:
-            scores = amp.scoring.taylor_scores(
-                backbone, [(images, None)], criterion, autocast_dtype=autocast_dtype, progress=False
-            )
-    finally:
-        for context in open_gates:
-            context.__exit__(None, None, None)
+    with saved_bytes(counter, backbone.model):
+        scores = taylor_scores(
+            backbone, [(images, None)], criterion, autocast_dtype=autocast_dtype, progress=False, checkpoint=checkpoint
+        )
     return scores.values
 
 
@@ -243,7 +157,7 @@ def worker(args) -> None:
     if args.worker == "reference":
         values = reference_scores(backbone, images, criterion, autocast_dtype, counter)
     else:
-        values = gate_scores(backbone, images, criterion, autocast_dtype, counter, args.worker)
+        values = gate_scores(backbone, images, criterion, autocast_dtype, counter, args.worker == "gate_ckpt")
     seconds = time.perf_counter() - start
     peak = peak_kb(reset)
     torch.save(values, args.out)

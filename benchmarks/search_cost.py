@@ -7,8 +7,9 @@ take turns layer by layer (a baton passed in ``on_layer_done``), so both see the
 each search's time is summed only while it holds the baton.
 
 Cost model (L blocks, S steps, B validation batches): full probes run L blocks each; cached probes at
-layer l run blocks l..L-1 (already pruned: the search goes last to first) plus the patch embedding, and
-the cache costs one extra forward. Fixed costs (dense and final loss, 2 forwards) are paid by both.
+layer l run blocks l..L-1 (already pruned: the search goes last to first) plus the patch embedding. The
+block inputs are stashed during the dense-loss pass, so the cache costs no extra forward. Fixed costs (dense
+and final loss, 2 forwards) are paid by both.
 
 Defaults: open_clip ViT-B-16 (random init) at 224 px, 2 batches of 8 synthetic low-frequency images,
 the paper's 6 steps, ``kl_to_dense`` (a random-init model's entropy *drops* under pruning, so an entropy
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import threading
 import time
@@ -43,16 +43,6 @@ from amp.criteria import build_criterion
 from amp.models import build_architecture, load_model
 from amp.scoring import magnitude_scores, random_scores
 from amp.search import amp_search
-
-_search_module = sys.modules["amp.search"]
-
-
-def uncapped_round_width(width: float, round_to: int, hidden: int) -> int:
-    """round_width without its upper cap. amp_search passes ``site.hidden``, the site's *current* width,
-    which after a rejected probe is that probe's width, so the next, wider probe is clamped to it and the
-    layer's bisection stops after one rejection (a bug in amp/search.py, see README). The loop's own
-    ``width >= hi`` test already keeps widths below the dense width, so dropping the cap only undoes the bug."""
-    return int(max(round_to, math.ceil(width / round_to) * round_to))
 
 
 class Baton:
@@ -85,8 +75,8 @@ def predicted_speedup(backbone, probes, dense_widths: list[int]) -> float:
     """full / cached cost in FLOPs, replaying the probes: the ratio a perfectly efficient machine would show.
 
     Full: dense loss, every probe and the final loss run the whole model at the widths of that moment.
-    Cached: dense loss, one stash pass (blocks 0..L-2), each probe at layer l runs blocks l..L-1, final loss.
-    Both pay the stem and head per pass (the cached probes run the stem on a zero image).
+    Cached: the dense-loss pass (which also stashes the block inputs), each probe at layer l runs blocks
+    l..L-1, final loss. Both pay the stem and head per pass (the cached probes run the stem on a zero image).
     """
     model = build_architecture(backbone.arch, "meta")
     stats = model_stats(types.SimpleNamespace(model=model, adapter=backbone.adapter))
@@ -100,8 +90,7 @@ def predicted_speedup(backbone, probes, dense_widths: list[int]) -> float:
         return other + sum(block(layer, widths[layer]) for layer in range(start, len(widths)))
 
     widths = list(dense_widths)
-    full = cached = forward(widths)  # dense loss
-    cached += forward(widths) - other - block(len(widths) - 1, widths[-1])  # the stash pass
+    full = cached = forward(widths)  # dense loss; the cached search stashes its block inputs in the same pass
     for layer in sorted({p.layer for p in probes}, reverse=True):
         mine = [p for p in probes if p.layer == layer]
         for probe in mine:
@@ -140,12 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache-gb", type=float, default=4.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
-    parser.add_argument(
-        "--keep-search-bug", action="store_true", help="do not patch amp.search.round_width (see uncapped_round_width)"
-    )
     args = parser.parse_args(argv)
-    if not args.keep_search_bug:
-        _search_module.round_width = uncapped_round_width
 
     kwargs = {}
     if args.model.startswith("open_clip:") and args.image_size != 224:
@@ -221,7 +205,6 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": wall,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "search_bug_patched": not args.keep_search_bug,
     }
     print(
         f"{args.model} @ {args.image_size}px, {report['images']} images in {args.batches} batches, {args.steps} steps"
