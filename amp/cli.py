@@ -13,6 +13,7 @@ import torch
 
 from amp import api
 from amp import distill as distill_cli
+from amp import reproduce as reproduce_cli
 from amp.adapters import UnsupportedModelError
 from amp.criteria import CRITERIA, NonFiniteLossError
 from amp.data import DataSpecError
@@ -245,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill_cli.add_arguments(p)
     p.set_defaults(func=distill_cli.run)
 
+    p = sub.add_parser("reproduce", help="run the notebooks with papermill and collect their tables")
+    reproduce_cli.add_arguments(p)
+    p.set_defaults(func=reproduce_cli.command)
+
     p = sub.add_parser("eval", help="evaluate a model: size, speed and quality")
     _add_model(p)
     p.add_argument("--classification", help="labelled data set (zero-shot for CLIP models, k-NN with --knn-train)")
@@ -284,14 +289,14 @@ def main(argv: list[str] | None = None) -> int:
 
     distributed.init_from_env()  # a no-op unless started by torchrun
     try:
-        args.func(args)
+        status = args.func(args)
     except USER_ERRORS as err:
         print(f"amp: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("amp: interrupted (a search can continue with --resume)", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":
