@@ -234,6 +234,40 @@ def load_fashion_mnist(split: str, download: bool = True) -> tuple[np.ndarray, n
     return _load_files(images, labels)
 
 
+SUBSET_SEED = 20240601
+SUBSET_PER_CLASS = {"train": 200, "val": 50, "test": 200}
+
+
+def make_subset(path: str | Path = SUBSET_FILE, seed: int = SUBSET_SEED) -> Path:
+    """Rebuild the committed subset from the full data set (``python -c "import amp.fashion as f; f.make_subset()"``).
+
+    Per class: 200 train images (from images 0–54,999), 50 validation images (55,000–59,999) and 200 test images,
+    drawn without replacement by ``numpy.random.default_rng(seed)``, kept in file order; their indices are stored too.
+    """
+    train_x, train_y = load_fashion_mnist("train")
+    test_x, test_y = load_fashion_mnist("test")
+    rng = np.random.default_rng(seed)
+    pools = {
+        "train": (train_x, train_y, 0, VAL_START),
+        "val": (train_x, train_y, VAL_START, len(train_y)),
+        "test": (test_x, test_y, 0, len(test_y)),
+    }
+    arrays = {}
+    for part, (x, y, start, stop) in pools.items():
+        chosen = [
+            start + np.sort(rng.choice(np.flatnonzero(y[start:stop] == c), SUBSET_PER_CLASS[part], replace=False))
+            for c in range(len(FASHION_CLASSES))
+        ]
+        index = np.sort(np.concatenate(chosen))
+        arrays.update(
+            {f"{part}_images": x[index], f"{part}_labels": y[index], f"{part}_indices": index.astype(np.int32)}
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
 # --- transforms ---------------------------------------------------------------------------------
 
 
@@ -274,6 +308,7 @@ class FashionMNIST(Dataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None):
         self.images, self.labels, self.transform = images, labels, transform
         self.classes = list(FASHION_CLASSES)
+        self.templates = list(FASHION_TEMPLATES)  # the prompts the tiny CLIP was trained with
 
     def __len__(self) -> int:
         return len(self.images)
@@ -336,6 +371,7 @@ class CaptionedFashion(Dataset):
             raise DataSpecError("distinct captions are supported for up to 50,000 scenes")
         self.items, self.item_labels, self.transform = items, item_labels, transform
         self.classes = list(FASHION_CLASSES)
+        self.templates = list(FASHION_TEMPLATES)  # the prompts the tiny CLIP was trained with
         self.seed, self.split_id, self.distinct = seed, split_id, distinct
         total = -(-count // CHUNK) * CHUNK
         self.n_items = np.empty(total, np.int64)
