@@ -74,3 +74,14 @@ def test_a_bias_added_by_compensation_survives_the_round_trip(tmp_path):
     x = images_for(backbone)
     with torch.no_grad():
         assert torch.equal(load_pruned(tmp_path / "m").embed(x), backbone.embed(x))
+
+
+def test_a_pruned_zoo_model_preprocesses_like_its_base(tmp_path):
+    from PIL import Image
+
+    base = load_model("zoo:tiny-clip")
+    save_pruned(base, tmp_path / "m")
+    loaded = load_pruned(tmp_path / "m")
+    image = Image.fromarray((torch.arange(28 * 28) % 255).reshape(28, 28).to(torch.uint8).numpy())
+    assert torch.equal(base.preprocess(image), loaded.preprocess(image))
+    assert loaded.arch["zoo"] == "tiny-clip"

@@ -116,4 +116,4 @@ def load_tiny_clip(device: str | torch.device = "cpu", directory: str | Path | N
     return wrap(model, info=info)
 
 
-register_zoo_model("tiny-clip", load_tiny_clip)
+register_zoo_model("tiny-clip", load_tiny_clip, preprocess=lambda _model: eval_transform())
