@@ -33,11 +33,13 @@ side by side (left and right) or stacked (top and bottom), mentioned in random o
     a large red sneaker on the left and a small blue bag on the right
     a small white ankle boot in the centre
 
-Scenes are drawn with ``numpy.random.default_rng([seed, split id])``, so the same ``(split, seed, count)`` always gives
-the same images and captions, and a different seed gives different ones. ``train`` and ``val`` use disjoint parts of
-the Fashion-MNIST training set (images 0–54,999 and 55,000–59,999) and ``test`` uses the Fashion-MNIST test set, so
-test items are never seen in training. ``val`` and ``test`` captions are all distinct (a scene whose caption was
-already drawn is redrawn), so image-text retrieval over them has exactly one right answer: ``test`` holds 1,000 pairs
+Scene ``i`` is drawn with ``numpy.random.default_rng([seed, split id, i // 1024])``, so the same ``(split, seed)``
+always gives the same images and captions, a different seed gives different ones, and a longer run of a split extends
+a shorter one (``train`` has 55,000 scenes by default; the training script reads further along the same stream).
+``train`` and ``val`` use disjoint parts of the Fashion-MNIST training set (images 0–54,999 and 55,000–59,999) and
+``test`` uses the Fashion-MNIST test set, so test items are never seen in training. ``val`` and ``test`` captions are
+all distinct (a scene whose caption was already drawn is redrawn), so image-text retrieval over them has exactly one
+right answer: ``test`` holds 1,000 pairs
 (``test-subset`` 500, ``val`` 1,000, ``val-subset`` 250). There are 800 one-item and 102,400 two-item captions.
 """
 

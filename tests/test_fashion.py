@@ -43,13 +43,13 @@ def test_amp_data_dir_reads_idx_files(tmp_path, monkeypatch):
     monkeypatch.setenv("AMP_DATA_DIR", str(tmp_path))
     got_images, got_labels = load_fashion_mnist("test")
     assert np.array_equal(got_images, images[:50]) and np.array_equal(got_labels, labels[:50])
-    with pytest.raises(DataSpecError, match="lacks train-images-idx3-ubyte.gz"):
+    with pytest.raises(DataSpecError, match=r"lacks train-images-idx3-ubyte\.gz"):
         load_fashion_mnist("train")
 
 
 def test_loader_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("AMP_DATA_DIR", str(tmp_path / "missing"))
-    with pytest.raises(DataSpecError, match="AMP_DATA_DIR.*not a directory.*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(DataSpecError, match=r"AMP_DATA_DIR.*not a directory.*apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist:test")
     monkeypatch.delenv("AMP_DATA_DIR")
     monkeypatch.setattr(fashion, "DEBIAN_DIR", tmp_path / "debian")

@@ -11,8 +11,10 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,17 @@ META_NAME = "tiny-clip.json"
 REBUILD = "python -m amp.zoo.train_tiny_clip --out data/zoo"
 
 open_clip.add_model_config(CONFIG_DIR)
+
+
+@contextlib.contextmanager
+def quiet_open_clip():
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" while weights are loaded after."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def zoo_dir() -> Path:
@@ -98,7 +111,8 @@ def load_tiny_clip(device: str | torch.device = "cpu", directory: str | Path | N
     if kwargs:
         raise ModelSpecError(f"zoo:tiny-clip takes no builder arguments, got {sorted(kwargs)}")
     weights, meta = verified_weights(directory)
-    model = open_clip.create_model(ARCH, pretrained=None, device="cpu")
+    with quiet_open_clip():
+        model = open_clip.create_model(ARCH, pretrained=None, device="cpu")
     state = load_file(str(weights))
     model.load_state_dict(state, strict=True)
     model = model.to(device)
