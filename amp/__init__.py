@@ -10,8 +10,9 @@ Front door (plain names and paths in, results out)::
     amp.model_stats(amp.load_pruned("runs/vit-b-32-amp"))
 
 The pieces are separate modules: :mod:`amp.adapters` (a uniform view of each backbone family's MLPs),
-:mod:`amp.criteria`, :mod:`amp.scoring`, :mod:`amp.search`, :mod:`amp.surgery`, :mod:`amp.io`,
-:mod:`amp.accounting`, :mod:`amp.evaluate`, :mod:`amp.data`.
+:mod:`amp.criteria`, :mod:`amp.scoring`, :mod:`amp.widths` (the AMP search and preset allocations),
+:mod:`amp.surgery`, :mod:`amp.io`,
+:mod:`amp.accounting`, :mod:`amp.evaluation`, :mod:`amp.data`.
 """
 
 from amp import api

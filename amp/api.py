@@ -15,7 +15,7 @@ from amp.io import load_pruned, save_pruned
 from amp.io import write_json as _write_json
 from amp.models import Backbone, load_model
 from amp.scoring import Scores, load_scores, magnitude_scores, random_scores, save_scores, taylor_scores
-from amp.search import amp_search, apply_widths, global_widths, materialise, uniform_widths
+from amp.widths import amp_search, apply_widths, global_widths, materialise, uniform_widths
 
 __all__ = [
     "Backbone",
@@ -132,7 +132,7 @@ def evaluate(
     throughput_batch: int = 64,
 ) -> dict[str, Any]:
     """Size, speed and quality of a model; with ``dense`` also its fidelity and speed-up against it."""
-    from amp.evaluate import compare_throughput, throughput
+    from amp.evaluation import compare_throughput, throughput
     from amp.pipeline import EvalData, quality
 
     stats = model_stats(backbone)

@@ -174,7 +174,7 @@ def build_criterion(name: str, backbone=None, temp_inv: float = 15.0, dataset=No
     if classes is None:
         raise ValueError("cross_entropy needs class labels (a data set with .classes) or captions with a CLIP model")
     if backbone.is_clip:
-        from amp.evaluate import zero_shot_classifier
+        from amp.evaluation import zero_shot_classifier
 
         classifier = zero_shot_classifier(backbone, list(classes), device=device)
         classifier = classifier.T if classifier.shape[0] != len(classes) else classifier

@@ -19,18 +19,22 @@ Optimiser: AdamW (betas 0.9/0.95), no weight decay on 1-D parameters (norms, bia
 tokens; linear warmup from 0 then cosine to ``min_lr``; gradient clipping; bf16 autocast on CUDA, fp32 on CPU.
 Data: a seeded order (``DistributedSampler``, epoch ``e`` shuffled with ``seed + e``), global batches of
 ``batch_size``, incomplete batches dropped. Under ``torchrun`` (``torch.distributed`` initialised) the tower is wrapped
-in ``DistributedDataParallel`` and every rank takes its share of the same global batch, so the global batches (and,
-for the batch-separable losses, the updates up to float rounding) are the single-process ones.
+in ``DistributedDataParallel`` (``sharding="ddp"``) or trained as an FSDP2 copy sharded per block (``"fsdp"``, for
+students whose weights, gradients and AdamW states do not fit one GPU; the teacher is replicated, frozen), and every
+rank takes its share of the same global batch, so the global batches (and, for the batch-separable losses, the updates
+up to float rounding) are the single-process ones.
 
-Checkpoints (``checkpoint_dir/checkpoint.pt``, written atomically by rank 0) hold the tower, optimiser, scheduler,
-every rank's RNG states, the step and the data position; ``resume=True`` continues bit for bit (with
-``num_workers=0``; worker processes reseed from the loader's generator and do not carry augmentation RNG state).
+Checkpoints (``checkpoint_dir/checkpoint.pt``, written atomically by rank 0; under FSDP the full, gathered states)
+hold the tower, optimiser, scheduler, every rank's RNG states, the step and the data position; ``resume=True``
+continues bit for bit (with ``num_workers=0``; worker processes reseed from the loader's generator and do not carry
+augmentation RNG state).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import itertools
 import math
 import os
@@ -51,6 +55,7 @@ from amp.data import collate
 from amp.io import atomic_write
 
 LOSSES = ("mse_tokens", "cosine", "similarity_kl")
+SHARDINGS = ("ddp", "fsdp")
 HEAD_MODULES = {"ln_post", "proj", "norm", "fc_norm", "head"}  # final norm and projection, by first name component
 NO_DECAY_NAMES = ("pos_embed", "positional_embedding", "cls_token", "class_embedding", "reg_token", "register_tokens")
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -69,11 +74,10 @@ def _prefix_tokens(tower: nn.Module) -> int:
 class _Tower(nn.Module):
     """A vision tower whose forward returns what the loss compares (last-block tokens or pooled embedding)."""
 
-    def __init__(self, backbone, loss: str):
+    def __init__(self, tower: nn.Module, adapter, loss: str):
         super().__init__()
-        self.tower = backbone.vision
-        self.adapter, self.loss = backbone.adapter, loss
-        transformer = getattr(self.tower, "transformer", None)
+        self.tower, self.adapter, self.loss = tower, adapter, loss
+        transformer = getattr(tower, "transformer", None)
         self.seq_first = transformer is not None and getattr(transformer, "batch_first", True) is False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -224,6 +228,52 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path), map_location="cpu", weights_only=False)
 
 
+def _fully_shard(net: _Tower, device: torch.device, world: int) -> None:
+    """Shard ``net`` in place with FSDP2: one unit per block, the rest (embeddings, head) in the root unit.
+
+    The root is the :class:`_Tower` wrapper, whose ``__call__`` is what runs: the adapters embed through functions
+    other than the tower's own ``forward``, which would bypass hooks on the tower. ``fully_shard`` moves only this
+    rank's shards to ``device``, so no GPU ever holds the whole student with its gradients and optimiser states.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    for block in net.adapter.blocks(net.tower):
+        fully_shard(block, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+
+
+def _copy_back(sharded: nn.Module, tower: nn.Module) -> None:
+    """Gather the trained shards, one tensor at a time, into the plain ``tower`` on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    states = dict(itertools.chain(sharded.named_parameters(), sharded.named_buffers()))
+    with torch.no_grad():
+        for name, target in itertools.chain(tower.named_parameters(), tower.named_buffers()):
+            value = states[name]
+            value = value.full_tensor() if isinstance(value, DTensor) else value
+            target.copy_(value.to(target.device))
+
+
+def _full_state(net: _Tower, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) tower and optimiser state dicts of a sharded :class:`_Tower`, on rank 0's CPU (collective).
+
+    The tower's keys are those of ``tower.state_dict()``, as in an unsharded checkpoint.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model = {name.removeprefix("tower."): value for name, value in get_model_state_dict(net, options=options).items()}
+    return model, get_optimizer_state_dict(net, optimizer, options=options)
+
+
+def _load_optimizer(sharded: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(sharded, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def _default_device(world: int) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else torch.cuda.current_device())
@@ -256,6 +306,7 @@ def distill(
     num_workers: int = 0,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    sharding: str = "ddp",
 ) -> dict[str, Any]:
     """Distil ``teacher``'s vision tower into ``student``'s (both :class:`amp.models.Backbone`), in place.
 
@@ -265,7 +316,14 @@ def distill(
     at the end); ``resume=True`` continues from it. ``on_step(step, loss)`` is called after every step (after the
     checkpoint). Returns ``history`` (per step: loss, lr), ``wall_time_s``, ``images_per_s``, ``images`` and the
     settings. The student ends in eval mode with its ``requires_grad`` flags restored.
+
+    Under ``torchrun``, ``sharding="ddp"`` replicates the student on every process; ``"fsdp"`` trains a fully sharded
+    copy (FSDP2, one unit per block) whose parameters, gradients and optimiser states are split across the processes,
+    and writes the trained weights back into ``student`` at the end. With ``fsdp`` leave the student on the CPU: it
+    stays there, only the shards move to ``device``. Single-process runs ignore ``sharding``.
     """
+    if sharding not in SHARDINGS:
+        raise ValueError(f"unknown sharding {sharding!r}; choose one of {SHARDINGS}")
     if loss not in LOSSES:
         raise ValueError(f"unknown distillation loss {loss!r}; choose one of {LOSSES}")
     if steps < 1:
@@ -296,6 +354,7 @@ def distill(
         "grad_clip": grad_clip,
         "seed": seed,
         "images_in_data": len(dataset),
+        "sharding": sharding if world > 1 else "none",
     }
 
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
@@ -311,7 +370,10 @@ def distill(
     # models: only the student's vision tower trains; the teacher is frozen in eval mode
     requires = {name: p.requires_grad for name, p in student.model.named_parameters()}
     teacher_requires = {name: p.requires_grad for name, p in teacher.model.named_parameters()}
-    student.model.to(device).requires_grad_(False)
+    fsdp = sharding == "fsdp" and world > 1
+    student.model.requires_grad_(False)
+    if not fsdp:
+        student.model.to(device)
     teacher.model.to(device).eval().requires_grad_(False)
     tower = student.vision
     heads = set(head_parameter_names(tower))
@@ -319,14 +381,20 @@ def distill(
         _copy_head(tower, teacher.vision)
     for name, p in tower.named_parameters():
         p.requires_grad_(train_head or name not in heads)
-    student_net, teacher_net = _Tower(student, loss), _Tower(teacher, loss)
+    if state is not None:
+        tower.load_state_dict(state["model"])
+    # what trains: the tower itself (one process, DDP) or a sharded copy of it (FSDP), made where the tower lives
+    trained = copy.deepcopy(tower) if fsdp else tower
+    student_net, teacher_net = _Tower(trained, student.adapter, loss), _Tower(teacher.vision, teacher.adapter, loss)
+    if fsdp:
+        _fully_shard(student_net, device, world)
     prefix = _prefix_tokens(tower)
-    if world > 1:
+    if world > 1 and not fsdp:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(student_net, device_ids=ids, find_unused_parameters=train_head)
     else:
         model = student_net
-    optimizer = torch.optim.AdamW(_param_groups(tower, weight_decay), lr=lr, betas=betas, eps=1e-8)
+    optimizer = torch.optim.AdamW(_param_groups(trained, weight_decay), lr=lr, betas=betas, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, min_lr / lr if lr > 0 else 0.0)
     )
@@ -335,8 +403,10 @@ def distill(
     step, epoch, position, history = 0, 0, 0, []
     _seed_everything(seed + rank)
     if state is not None:
-        tower.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:
+            _load_optimizer(student_net, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, (epoch, position), history = state["step"], state["position"], list(state["history"])
         if len(state["rng"]) == world:
@@ -345,14 +415,17 @@ def distill(
 
     def save_checkpoint() -> None:
         rng = _gather(_rng_state(), world)
+        model_state, optimizer_state = (
+            _full_state(student_net, optimizer) if fsdp else (tower.state_dict(), optimizer.state_dict())
+        )
         if rank == 0:
             state = {
                 "format": CHECKPOINT_FORMAT,
                 "settings": settings,
                 "step": step,
                 "position": [epoch, position],
-                "model": tower.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": rng,
                 "history": history,
@@ -416,6 +489,8 @@ def distill(
                     break  # done, or the epoch is over (a new sampler starts the next one)
         if ckpt_path is not None and (not checkpoint_every or step % checkpoint_every):
             save_checkpoint()
+        if fsdp:
+            _copy_back(trained, tower)
     finally:
         bar.close()
         student.model.eval()
@@ -487,6 +562,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available")
+    p.add_argument(
+        "--sharding",
+        choices=SHARDINGS,
+        default="ddp",
+        help="under torchrun: replicate the student (ddp) or shard its weights, gradients and optimiser (fsdp)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -506,7 +587,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         world, rank = _dist()
         device = torch.device(args.device) if args.device else _default_device(world)
-        student = load_model(args.student, device=str(device))
+        fsdp = args.sharding == "fsdp" and world > 1  # the student stays on the CPU; only its shards go to the GPU
+        student = load_model(args.student, device="cpu" if fsdp else str(device))
         teacher_spec = args.teacher or student.info.get("base_model")
         if not teacher_spec or teacher_spec == args.student:
             raise ValueError("no teacher: pass --teacher (the student's amp.json names no base_model)")
@@ -535,6 +617,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             device=device,
             num_workers=args.num_workers,
             progress=not args.no_progress,
+            sharding=args.sharding,
         )
         if rank == 0:
             provenance = {

@@ -16,7 +16,7 @@ import torch
 
 from amp import api
 from amp.data import load_dataset, make_loader
-from amp.evaluate import compare_throughput, embedding_fidelity, knn_eval, retrieval, zero_shot_classification
+from amp.evaluation import compare_throughput, embedding_fidelity, knn_eval, retrieval, zero_shot_classification
 from amp.io import atomic_write, write_json
 
 

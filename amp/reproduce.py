@@ -622,7 +622,7 @@ def zero_shot_prompts(spec: str, dataset) -> tuple[list[str], list[str]]:
     WordNet id (``n01440764``) or by index (``0``..``999``, ImageNetV2) get the OpenAI class names, and every other
     data set its own class names with the 80 OpenAI ImageNet templates (the paper's protocol).
     """
-    from amp.evaluate import dataset_classnames, imagenet_templates
+    from amp.evaluation import dataset_classnames, imagenet_templates
 
     classes = list(getattr(dataset, "classes", None) or [])
     if not classes:
@@ -661,7 +661,7 @@ class Benchmark:
         batch_size: int = 64,
     ):
         from amp.api import loader
-        from amp.search import materialise
+        from amp.widths import materialise
 
         self.classification: dict[str, tuple[list, list[str], list[str]]] = {}
         self.retrieval: dict[str, list] = {}
@@ -675,7 +675,7 @@ class Benchmark:
 
     def _head(self, backbone, name: str):
         if name not in self._heads:
-            from amp.evaluate import zero_shot_classifier
+            from amp.evaluation import zero_shot_classifier
 
             _, names, templates = self.classification[name]
             self._heads[name] = zero_shot_classifier(backbone, names, templates)
@@ -683,7 +683,7 @@ class Benchmark:
 
     def zero_shot(self, backbone, device: str = "cpu") -> dict[str, float]:
         """Zero-shot top-1 (fraction) per classification data set."""
-        from amp.evaluate import zero_shot_classification
+        from amp.evaluation import zero_shot_classification
 
         results = {}
         for name, (batches, names, templates) in self.classification.items():
@@ -693,7 +693,7 @@ class Benchmark:
 
     def recall(self, backbone, device: str = "cpu") -> dict[str, dict[str, float]]:
         """Image→text and text→image R@1/5/10 per retrieval data set."""
-        from amp.evaluate import retrieval
+        from amp.evaluation import retrieval
 
         return {name: retrieval(backbone, batches, device=device) for name, batches in self.retrieval.items()}
 

@@ -2,15 +2,18 @@
 
     python benchmarks/recovery.py                                   # zoo:tiny-clip on Fashion-MNIST
     python benchmarks/recovery.py --threshold 0.02                  # AMP search widths instead of a uniform ratio
+    python benchmarks/recovery.py --model zoo:dinov2-s --threshold 0.02 --rule absolute --reference dense
     python benchmarks/recovery.py --model open_clip:ViT-B-32:laion2b_s34b_b79k --data imagefolder:/imagenet/val \\
         --calib-data imagefolder:/imagenet/train --train-data imagefolder:/imagenet/train --distill-steps 500
 
 The model is scored (Taylor, entropy criterion) and pruned on ``--calib-data``, either uniformly (``--ratio``) or by
 the AMP search (``--threshold``); the same widths are then recovered in each way and evaluated on ``--data``:
-embedding fidelity to the dense model (mean / min cosine of the projected embeddings) and, for a CLIP on a labelled
-data set, zero-shot top-1. The last column is the wall time of the recovery itself (statistics collection included
-for the compensations). ``--model`` defaults to ``zoo:tiny-clip`` and falls back to a randomly initialised
-``open_clip:amp-tiny-clip`` when the zoo weights are not built.
+embedding fidelity to the dense model (mean / min cosine of the projected embeddings), k-NN top-1 with neighbours
+from ``--knn-train`` (labelled data), and, for a CLIP, zero-shot top-1 and image-text retrieval R@1 on
+``--retrieval-data``. ``recovered`` is the share of the pruning drop (dense minus pruned-only) won back, per metric.
+The time column is the wall time of the recovery itself (statistics collection included for the compensations).
+``--model`` defaults to ``zoo:tiny-clip`` and falls back to a randomly initialised ``open_clip:amp-tiny-clip`` when the
+zoo weights are not built.
 """
 
 from __future__ import annotations
@@ -29,11 +32,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from amp import api
 from amp.data import load_dataset, make_loader
 from amp.distill import distill
-from amp.evaluate import DEFAULT_TEMPLATES, embedding_fidelity, zero_shot_classification, zero_shot_classifier
+from amp.evaluation import (
+    DEFAULT_TEMPLATES,
+    embedding_fidelity,
+    knn_eval,
+    retrieval,
+    zero_shot_classification,
+    zero_shot_classifier,
+)
 from amp.models import ModelSpecError
 from amp.recovery import calibration_stats, compensate_model
-from amp.search import materialise, uniform_widths
 from amp.surgery import snapshot
+from amp.widths import materialise, uniform_widths
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,8 +52,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="fashion-mnist:test-subset", help="evaluation images (labelled: zero-shot too)")
     p.add_argument("--calib-data", default="fashion-mnist:train-subset", help="scoring, search and statistics")
     p.add_argument("--train-data", default="fashion-mnist:train-subset", help="distillation images")
+    p.add_argument("--knn-train", default="fashion-mnist:train-subset", help="k-NN neighbours ('' to skip k-NN)")
+    p.add_argument("--knn-images", type=int, default=1000, help="k-NN neighbours used")
+    p.add_argument(
+        "--retrieval-data", default="fmnist-captions:test-subset", help="captioned images for a CLIP ('' to skip)"
+    )
     p.add_argument("--ratio", type=float, default=0.5, help="uniform kept fraction (without --threshold)")
     p.add_argument("--threshold", type=float, default=None, help="run the AMP search with this threshold instead")
+    p.add_argument("--rule", choices=("increase", "absolute"), default="increase", help="search rule")
+    p.add_argument("--reference", choices=("previous", "dense"), default="previous", help="search reference")
+    p.add_argument("--temp-inv", type=float, default=15.0, help="inverse temperature of the entropy criterion")
+    p.add_argument("--search-images", type=int, default=256, help="images the search probes on")
     p.add_argument("--score-method", choices=("taylor", "magnitude"), default="taylor")
     p.add_argument("--calib-images", type=int, default=512)
     p.add_argument("--eval-images", type=int, default=500)
@@ -92,15 +111,38 @@ def main(argv=None) -> int:
     classifier = None
     if dense.is_clip and classes:
         classifier = zero_shot_classifier(dense, classes, templates_for(args.data), device=args.device)
+    knn_loader = None
+    if args.knn_train and classes:
+        knn_set = load_dataset(args.knn_train, dense.preprocess)
+        knn_loader = make_loader(torch.utils.data.Subset(knn_set, range(min(args.knn_images, len(knn_set)))), 64)
+    retrieval_loader = None
+    if args.retrieval_data and dense.is_clip:
+        captioned = load_dataset(args.retrieval_data, dense.preprocess)
+        captioned = torch.utils.data.Subset(captioned, range(min(args.eval_images, len(captioned))))
+        retrieval_loader = make_loader(captioned, args.batch_size)
 
     # widths: AMP search or a uniform ratio, both from the same scores
     start = time.perf_counter()
-    scores = api.score(dense, calib, method=args.score_method, batch_size=args.batch_size, device=args.device)
+    scores = api.score(
+        dense, calib, method=args.score_method, temp_inv=args.temp_inv, batch_size=args.batch_size, device=args.device
+    )
     orders = scores.orders()
     if args.threshold is not None:
         searched = copy.deepcopy(dense)
-        result = api.search(searched, scores, calib, threshold=args.threshold, device=args.device)
-        widths, how = result["widths"], f"AMP search, threshold {args.threshold}"
+        result = api.search(
+            searched,
+            scores,
+            calib,
+            threshold=args.threshold,
+            temp_inv=args.temp_inv,
+            batch_size=args.batch_size,
+            max_images=args.search_images,
+            rule=args.rule,
+            reference=args.reference,
+            device=args.device,
+        )
+        widths = result["widths"]
+        how = f"AMP search, threshold {args.threshold} ({args.rule}/{args.reference})"
         del searched
     else:
         widths, how = uniform_widths(dense.widths(), args.ratio), f"uniform ratio {args.ratio}"
@@ -117,7 +159,13 @@ def main(argv=None) -> int:
         if classifier is not None:
             zs = zero_shot_classification(backbone, eval_loader, classes, device=args.device, classifier=classifier)
             row["top1"] = zs["top1"]
+        if retrieval_loader is not None:
+            rec = retrieval(backbone, retrieval_loader, device=args.device, recall_k=(1,))
+            row["R@1"] = (rec["i2t_R@1"] + rec["t2i_R@1"]) / 2
+        if knn_loader is not None:
+            row["knn"] = knn_eval(backbone, knn_loader, eval_loader, device=args.device)["top1"]
         rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
 
     evaluate("dense", dense, None)
     stats_time = time.perf_counter()
@@ -151,19 +199,38 @@ def main(argv=None) -> int:
             rows[-1]["distill_loss"] = [out["history"][0]["loss"], out["final_loss"]]
             rows[-1]["images_per_s"] = out["images_per_s"]
 
-    header = f"{'variant':<32} {'mean cos':>9} {'min cos':>9}" + (f" {'top-1':>7}" if classifier is not None else "")
+    metrics = [m for m in ("top1", "R@1", "knn", "mean_cos") if m in rows[0]]
+    for row in rows[2:]:  # share of the drop (dense - pruned only) won back, per metric
+        row["recovered"] = {m: recovered(rows[0][m], rows[1][m], row[m]) for m in metrics}
     print(f"\n{spec}  ({how}, {kept:.1%} of MLP units kept, {len(eval_set)} eval images, device {args.device})")
-    print(header + f" {'time (s)':>9}")
-    for row in rows:
-        line = f"{row['variant']:<32} {row['mean_cos']:9.4f} {row['min_cos']:9.4f}"
-        if classifier is not None:
-            line += f" {100 * row['top1']:6.1f}%"
-        line += f" {row['time_s']:9.2f}" if row["time_s"] is not None else f" {'-':>9}"
-        print(line)
+    print(table(rows, metrics))
     if args.json:
         meta = {"model": spec, "widths": widths, "how": how, "kept": kept, "device": args.device, "rows": rows}
         Path(args.json).write_text(json.dumps(meta, indent=2) + "\n")
     return 0
+
+
+def recovered(dense: float, pruned: float, value: float) -> float | None:
+    """Share of the pruning drop won back: 0 = no better than pruned only, 1 = back at dense (None: no drop)."""
+    drop = dense - pruned
+    return None if abs(drop) < 1e-9 else (value - pruned) / drop
+
+
+LABELS = {"top1": "zero-shot", "R@1": "mean R@1", "knn": "k-NN", "mean_cos": "cos"}
+
+
+def table(rows: list[dict], metrics: list[str]) -> str:
+    """A Markdown table: each metric and, after pruning, the share of its drop recovered."""
+    names = [LABELS[m] for m in metrics]
+    head = ["variant", *names, "min cos", f"recovered ({', '.join(names)})", "time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for row in rows:
+        cells = [row["variant"], *(f"{row[m]:.3f}" for m in metrics), f"{row['min_cos']:.3f}"]
+        share = row.get("recovered")
+        cells.append(", ".join("–" if share[m] is None else f"{share[m]:.0%}" for m in metrics) if share else "–")
+        cells.append("–" if row["time_s"] is None else f"{row['time_s']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

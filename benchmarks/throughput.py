@@ -2,7 +2,7 @@
 
 For each model (random weights: speed does not depend on them), batch size and precision, the dense
 model and a copy pruned to a realistic AMP width profile are timed in alternating rounds by
-:func:`amp.evaluate.compare_throughput`. The FLOP ratio comes from :func:`amp.accounting.model_stats`
+:func:`amp.evaluation.compare_throughput`. The FLOP ratio comes from :func:`amp.accounting.model_stats`
 (counted on the ``meta`` device, so it is free); ``speedup / FLOP ratio`` says how much of the ideal
 speedup the hardware turns into images per second.
 
@@ -37,10 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amp.accounting import model_stats
-from amp.evaluate import compare_throughput
+from amp.evaluation import compare_throughput
 from amp.models import build_architecture, load_model
-from amp.search import round_width
 from amp.surgery import prune, set_width
+from amp.widths import round_width
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # On CPU the default skips ViT-L-14 at batch 64 (one step is minutes on 2 cores); naming batch sizes runs all.

@@ -183,6 +183,66 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["world_size"] == 2
 
 
+def _fsdp_worker(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    options = dict(batch_size=DDP_BATCH, lr=1e-3, warmup=1, progress=False, device="cpu", sharding="fsdp")
+    options.update(checkpoint_dir=os.path.join(tmp, "ckpt"), checkpoint_every=2)
+    try:
+        student, teacher = _pair("timm_vit")
+
+        def crash(step, _loss):
+            if step == 2:
+                raise _Crash
+
+        with pytest.raises(_Crash):  # every rank stops after the step-2 checkpoint, like a killed job
+            distill(student, teacher, SyntheticImages(24, 32), DDP_STEPS, on_step=crash, **options)
+        untouched = _tower_state(student)
+        student, teacher = _pair("timm_vit")  # a fresh start: the weights come from the gathered checkpoint
+        assert all(torch.equal(untouched[k], v) for k, v in _tower_state(student).items())  # crash left it as it was
+        result = distill(student, teacher, SyntheticImages(24, 32), DDP_STEPS, resume=True, **options)
+        assert result["resumed_from"] == 2
+        if rank == 0:
+            torch.save(_tower_state(student), os.path.join(tmp, "fsdp.pt"))
+        else:  # every rank holds the trained weights, not only its shard
+            torch.save(_tower_state(student), os.path.join(tmp, "fsdp-rank1.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_two_processes_resume_and_match_one(tmp_path):
+    method = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
+    torch.multiprocessing.start_processes(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, start_method=method)
+    fsdp, other = torch.load(tmp_path / "fsdp.pt"), torch.load(tmp_path / "fsdp-rank1.pt")
+    assert all(torch.equal(fsdp[k], other[k]) for k in fsdp)
+    state = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
+    assert state["step"] == DDP_STEPS and state["settings"]["sharding"] == "fsdp"
+    assert set(state["model"]) == set(fsdp)  # a full, unsharded state dict
+    student, teacher = _pair("timm_vit")
+    before = _tower_state(student)
+    distill(
+        student,
+        teacher,
+        SyntheticImages(24, 32),
+        DDP_STEPS,
+        batch_size=DDP_BATCH,
+        lr=1e-3,
+        warmup=1,
+        progress=False,
+        device="cpu",
+    )
+    single = _tower_state(student)
+    assert max(float((single[k] - before[k]).abs().max()) for k in single) > 1e-4  # training happened
+    for key in single:
+        torch.testing.assert_close(fsdp[key], single[key], atol=2e-6, rtol=1e-5)
+
+
+def test_unknown_sharding_is_refused():
+    student, teacher = _pair("timm_vit")
+    with pytest.raises(ValueError, match="unknown sharding 'zero3'"):
+        distill(student, teacher, SyntheticImages(8, 32), 1, batch_size=8, sharding="zero3", progress=False)
+
+
 def test_main_distils_a_saved_pruned_model(tmp_path, capsys):
     from amp.distill import main
     from amp.io import load_pruned, read_json, save_pruned

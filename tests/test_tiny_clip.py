@@ -59,7 +59,7 @@ def test_zoo_tiny_clip_is_trained():
     from torch.utils.data import Subset
 
     from amp.data import load_dataset, make_loader
-    from amp.evaluate import zero_shot_classification
+    from amp.evaluation import zero_shot_classification
     from amp.fashion import FASHION_CLASSES, FASHION_TEMPLATES
 
     backbone = load_model("zoo:tiny-clip")

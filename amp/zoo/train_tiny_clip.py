@@ -14,7 +14,7 @@ builds them). AdamW, linear warm-up then cosine decay.
 Reproducible bit for bit from ``--seed`` on one machine: fixed thread count, ``torch.use_deterministic_algorithms``,
 seeded initialisation and data order. Writes ``tiny-clip.safetensors`` (float16) atomically, then ``tiny-clip.json``
 (sha256, config, seed, steps, wall time, quality) and ``tiny-clip.md`` (a human-readable report). Quality is measured on
-the saved (float16) weights with :mod:`amp.evaluate`: zero-shot top-1 on the Fashion-MNIST test set (class prompts
+the saved (float16) weights with :mod:`amp.evaluation`: zero-shot top-1 on the Fashion-MNIST test set (class prompts
 only) and image-text retrieval on ``fmnist-captions:test`` (1,000 distinct captions).
 """
 
@@ -288,7 +288,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def measure(backbone, full: bool = True, batch_size: int = 250) -> dict[str, Any]:
     """Zero-shot top-1 on Fashion-MNIST test (class prompts only) and retrieval on the captioned test split."""
     from amp.data import load_dataset, make_loader
-    from amp.evaluate import retrieval, zero_shot_classification
+    from amp.evaluation import retrieval, zero_shot_classification
 
     suffix = "" if full else "-subset"
     classify = load_dataset(f"fashion-mnist:test{suffix}", backbone.preprocess)

@@ -11,7 +11,7 @@ from torch import nn
 
 from amp.adapters import BackboneAdapter
 from amp.data import make_loader
-from amp.evaluate import (
+from amp.evaluation import (
     DEFAULT_TEMPLATES,
     compare_models,
     compare_throughput,
