@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import sys
 import time
@@ -50,8 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="zoo:tiny-clip")
     p.add_argument("--data", default="fashion-mnist:test-subset", help="evaluation images (labelled: zero-shot too)")
-    p.add_argument("--calib-data", default="fashion-mnist:train-subset", help="scoring, search and statistics")
-    p.add_argument("--train-data", default="fashion-mnist:train-subset", help="distillation images")
+    p.add_argument(
+        "--calib-data", nargs="+", default=["fashion-mnist:train-subset"], help="scoring, search and statistics"
+    )
+    p.add_argument("--train-data", nargs="+", default=["fashion-mnist:train-subset"], help="distillation images")
     p.add_argument("--knn-train", default="fashion-mnist:train-subset", help="k-NN neighbours ('' to skip k-NN)")
     p.add_argument("--knn-images", type=int, default=1000, help="k-NN neighbours used")
     p.add_argument(
@@ -98,12 +101,19 @@ def templates_for(data: str):
     return list(DEFAULT_TEMPLATES)
 
 
+def calibration_batches(dense, args) -> list:
+    """``--calib-images`` images, split evenly over the ``--calib-data`` sets, their batches interleaved."""
+    share = args.calib_images // len(args.calib_data)
+    sources = [materialise(api.loader(dense, spec, args.batch_size, args.seed), share) for spec in args.calib_data]
+    return [batch for group in itertools.zip_longest(*sources) for batch in group if batch is not None]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     dense, spec = load(args.model, args.device)
     dense.model.eval()
-    calib = materialise(api.loader(dense, args.calib_data, args.batch_size, args.seed), args.calib_images)
+    calib = calibration_batches(dense, args)
     eval_set = load_dataset(args.data, dense.preprocess)
     eval_set = torch.utils.data.Subset(eval_set, range(min(args.eval_images, len(eval_set))))
     eval_loader = make_loader(eval_set, args.batch_size)
@@ -181,7 +191,7 @@ def main(argv=None) -> int:
         evaluate({"none": "pruned only", "bias": "+ bias", "lstsq": "+ lstsq"}[method], backbone, seconds)
 
     if args.distill_steps > 0:
-        train = load_dataset(args.train_data, dense.preprocess)
+        train = torch.utils.data.ConcatDataset([load_dataset(spec, dense.preprocess) for spec in args.train_data])
         for base in ("none", "lstsq"):
             student = copy.deepcopy(variants[base])
             out = distill(

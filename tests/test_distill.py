@@ -130,27 +130,38 @@ def test_resume_is_bit_for_bit(tmp_path):
 
 # --- DDP ------------------------------------------------------------------------------------------------
 
-DDP_STEPS, DDP_BATCH = 4, 8
+DDP_STEPS = 4
+DDP_OPTIONS = dict(batch_size=8, lr=1e-3, warmup=1, progress=False, device="cpu")
+
+
+def _spawn_two(worker, tmp_path, *args) -> None:
+    # fork where available: the children need not import torch, timm and open_clip again (spawn takes ~30 s here)
+    method = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
+    torch.multiprocessing.start_processes(worker, args=(2, str(tmp_path), *args), nprocs=2, start_method=method)
+
+
+def _init_gloo(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+
+
+def _assert_matches_one_process(multi: dict[str, torch.Tensor], name: str = "timm_vit") -> None:
+    """``multi`` is the tower that the same distillation gives in a single process (which did train)."""
+    student, teacher = _pair(name)
+    before = _tower_state(student)
+    distill(student, teacher, SyntheticImages(24, 32), DDP_STEPS, **DDP_OPTIONS)
+    single = _tower_state(student)
+    assert max(float((single[k] - before[k]).abs().max()) for k in single) > 1e-4  # training happened
+    for key in single:
+        torch.testing.assert_close(multi[key], single[key], atol=2e-6, rtol=1e-5)
 
 
 def _ddp_worker(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    _init_gloo(rank, world, tmp)
     try:
         student, teacher = _pair("timm_vit")
-        distill(
-            student,
-            teacher,
-            SyntheticImages(24, 32),
-            DDP_STEPS,
-            batch_size=DDP_BATCH,
-            lr=1e-3,
-            warmup=1,
-            progress=False,
-            device="cpu",
-            checkpoint_dir=tmp,
-            checkpoint_every=2,
-        )
+        options = dict(checkpoint_dir=tmp, checkpoint_every=2)
+        distill(student, teacher, SyntheticImages(24, 32), DDP_STEPS, **DDP_OPTIONS, **options)
         if rank == 0:
             torch.save(_tower_state(student), os.path.join(tmp, "ddp.pt"))
     finally:
@@ -158,38 +169,16 @@ def _ddp_worker(rank: int, world: int, tmp: str) -> None:
 
 
 def test_ddp_two_processes_match_one(tmp_path):
-    # fork where available: the children need not import torch, timm and open_clip again (spawn takes ~30 s here)
-    method = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
-    torch.multiprocessing.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method=method)
-    ddp = torch.load(tmp_path / "ddp.pt")
-    student, teacher = _pair("timm_vit")
-    before = _tower_state(student)
-    distill(
-        student,
-        teacher,
-        SyntheticImages(24, 32),
-        DDP_STEPS,
-        batch_size=DDP_BATCH,
-        lr=1e-3,
-        warmup=1,
-        progress=False,
-        device="cpu",
-    )
-    single = _tower_state(student)
-    moved = max(float((single[k] - before[k]).abs().max()) for k in single)
-    assert moved > 1e-4  # training happened
-    for key in single:
-        torch.testing.assert_close(ddp[key], single[key], atol=2e-6, rtol=1e-5)
+    _spawn_two(_ddp_worker, tmp_path)
+    _assert_matches_one_process(torch.load(tmp_path / "ddp.pt"))
     assert load_checkpoint(tmp_path / "checkpoint.pt")["world_size"] == 2
 
 
-def _fsdp_worker(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    options = dict(batch_size=DDP_BATCH, lr=1e-3, warmup=1, progress=False, device="cpu", sharding="fsdp")
-    options.update(checkpoint_dir=os.path.join(tmp, "ckpt"), checkpoint_every=2)
+def _fsdp_worker(rank: int, world: int, tmp: str, name: str) -> None:
+    _init_gloo(rank, world, tmp)
+    options = dict(DDP_OPTIONS, sharding="fsdp", checkpoint_dir=os.path.join(tmp, "ckpt"), checkpoint_every=2)
     try:
-        student, teacher = _pair("timm_vit")
+        student, teacher = _pair(name)
 
         def crash(step, _loss):
             if step == 2:
@@ -198,43 +187,25 @@ def _fsdp_worker(rank: int, world: int, tmp: str) -> None:
         with pytest.raises(_Crash):  # every rank stops after the step-2 checkpoint, like a killed job
             distill(student, teacher, SyntheticImages(24, 32), DDP_STEPS, on_step=crash, **options)
         untouched = _tower_state(student)
-        student, teacher = _pair("timm_vit")  # a fresh start: the weights come from the gathered checkpoint
+        student, teacher = _pair(name)  # a fresh start: the weights come from the gathered checkpoint
         assert all(torch.equal(untouched[k], v) for k, v in _tower_state(student).items())  # crash left it as it was
         result = distill(student, teacher, SyntheticImages(24, 32), DDP_STEPS, resume=True, **options)
         assert result["resumed_from"] == 2
-        if rank == 0:
-            torch.save(_tower_state(student), os.path.join(tmp, "fsdp.pt"))
-        else:  # every rank holds the trained weights, not only its shard
-            torch.save(_tower_state(student), os.path.join(tmp, "fsdp-rank1.pt"))
+        # every rank holds the trained weights afterwards, not only its shard
+        torch.save(_tower_state(student), os.path.join(tmp, f"fsdp-rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_fsdp_two_processes_resume_and_match_one(tmp_path):
-    method = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
-    torch.multiprocessing.start_processes(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, start_method=method)
-    fsdp, other = torch.load(tmp_path / "fsdp.pt"), torch.load(tmp_path / "fsdp-rank1.pt")
+@pytest.mark.parametrize("name", ["timm_vit", "open_clip"])
+def test_fsdp_two_processes_resume_and_match_one(tmp_path, name):
+    _spawn_two(_fsdp_worker, tmp_path, name)
+    fsdp, other = torch.load(tmp_path / "fsdp-rank0.pt"), torch.load(tmp_path / "fsdp-rank1.pt")
     assert all(torch.equal(fsdp[k], other[k]) for k in fsdp)
     state = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
     assert state["step"] == DDP_STEPS and state["settings"]["sharding"] == "fsdp"
     assert set(state["model"]) == set(fsdp)  # a full, unsharded state dict
-    student, teacher = _pair("timm_vit")
-    before = _tower_state(student)
-    distill(
-        student,
-        teacher,
-        SyntheticImages(24, 32),
-        DDP_STEPS,
-        batch_size=DDP_BATCH,
-        lr=1e-3,
-        warmup=1,
-        progress=False,
-        device="cpu",
-    )
-    single = _tower_state(student)
-    assert max(float((single[k] - before[k]).abs().max()) for k in single) > 1e-4  # training happened
-    for key in single:
-        torch.testing.assert_close(fsdp[key], single[key], atol=2e-6, rtol=1e-5)
+    _assert_matches_one_process(fsdp, name)
 
 
 def test_unknown_sharding_is_refused():

@@ -96,9 +96,7 @@ def test_resume_after_interruption_gives_the_same_widths(tmp_path, compensation)
 
     backbone = tiny("open_clip")
     with pytest.raises(KeyboardInterrupt):
-        amp_search(
-            backbone, scores, _val(backbone), Entropy(5.0), 2e-3, state_path=state, on_layer_done=crash, **opts
-        )
+        amp_search(backbone, scores, _val(backbone), Entropy(5.0), 2e-3, state_path=state, on_layer_done=crash, **opts)
     assert set(json.loads(state.read_text())["done"]) == {"2", "1"}
     backbone = tiny("open_clip")  # a fresh process: the dense model again
     resumed = amp_search(backbone, scores, _val(backbone), Entropy(5.0), 2e-3, state_path=state, resume=True, **opts)
