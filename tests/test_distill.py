@@ -153,7 +153,20 @@ def _assert_matches_one_process(multi: dict[str, torch.Tensor], name: str = "tim
     single = _tower_state(student)
     assert max(float((single[k] - before[k]).abs().max()) for k in single) > 1e-4  # training happened
     for key in single:
-        torch.testing.assert_close(multi[key], single[key], atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(_without_key_bias(key, multi[key]), _without_key_bias(key, single[key]), **CLOSE)
+
+
+CLOSE = dict(atol=2e-6, rtol=1e-5)
+
+
+def _without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
+    """A packed q/k/v bias without its key third. Softmax ignores a bias shared by all keys, so that gradient is 0
+    in exact arithmetic and rounding noise, which Adam normalises into lr-sized steps, differs with the reduction
+    order of the processes."""
+    if not name.endswith(("in_proj_bias", "qkv.bias")):  # open_clip, timm
+        return value
+    q, _, v = value.chunk(3)
+    return torch.cat([q, v])
 
 
 def _ddp_worker(rank: int, world: int, tmp: str) -> None:
