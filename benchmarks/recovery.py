@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, default=500)
     p.add_argument("--distill-steps", type=int, default=100, help="0: skip distillation")
     p.add_argument("--distill-lr", type=float, default=3e-4)
+    p.add_argument(
+        "--distill-from", nargs="+", choices=("none", "lstsq"), default=["none", "lstsq"], help="distillation starts"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--ridge", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
 
     if args.distill_steps > 0:
         train = torch.utils.data.ConcatDataset([load_dataset(spec, dense.preprocess) for spec in args.train_data])
-        for base in ("none", "lstsq"):
+        for base in args.distill_from:
             student = copy.deepcopy(variants[base])
             out = distill(
                 student,

@@ -47,3 +47,12 @@ def any_tiny(request):
 def images_for(backbone, n: int = 6, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, *backbone.adapter.input_size(backbone.model), generator=generator)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: threads only contend with the other test workers on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,14 +15,7 @@ from amp.distill import distill, distill_loss, head_parameter_names, load_checkp
 from amp.scoring import magnitude_scores
 from amp.surgery import prune
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: threads only contend with the other test workers on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(name: str = "timm_vit", ratio: float = 0.5):

@@ -20,14 +20,7 @@ from amp.recovery import (
 from amp.scoring import magnitude_scores
 from amp.surgery import keep_units, snapshot
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: threads only contend with the other test workers on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibration(backbone, n: int = 32, batch: int = 8):
