@@ -1,6 +1,6 @@
 """The notebooks: committed without outputs, one ``parameters`` cell each, and the ``cpu`` profile runs end to end.
 
-The end-to-end test executes every notebook with papermill through :func:`amp.reproduce.reproduce` (about seven minutes
+The end-to-end test executes every notebook with papermill through :func:`amp.reproduce.reproduce` (about eight minutes
 on two CPU cores) and checks what a reader of ``results/cpu`` relies on: every table, sane numbers, every figure.
 """
 
