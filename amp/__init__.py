@@ -10,12 +10,12 @@ Front door (plain names and paths in, results out)::
     amp.model_stats(amp.load_pruned("runs/vit-b-32-amp"))
 
 The pieces are separate modules: :mod:`amp.adapters` (a uniform view of each backbone family's MLPs),
-:mod:`amp.criteria`, :mod:`amp.scoring`, :mod:`amp.widths` (the AMP search and preset allocations),
+:mod:`amp.criteria`, :mod:`amp.scoring`, :mod:`amp.width_search` (the AMP search and preset allocations),
 :mod:`amp.surgery`, :mod:`amp.io`,
 :mod:`amp.accounting`, :mod:`amp.evaluation`, :mod:`amp.data`.
 """
 
-from amp import api
+from amp import api, zoo  # noqa: F401  zoo registers the offline models and data sets
 from amp.api import *  # noqa: F403  the front door, listed in amp.api.__all__
 
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from amp.io import load_pruned, save_pruned
 from amp.io import write_json as _write_json
 from amp.models import Backbone, load_model
 from amp.scoring import Scores, load_scores, magnitude_scores, random_scores, save_scores, taylor_scores
-from amp.widths import amp_search, apply_widths, global_widths, materialise, uniform_widths
+from amp.width_search import amp_search, apply_widths, global_widths, materialise, uniform_widths
 
 __all__ = [
     "Backbone",

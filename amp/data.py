@@ -289,5 +289,3 @@ register_dataset("folder", _folder)
 register_dataset("imagefolder", _imagefolder)
 register_dataset("coco", _coco)
 register_dataset("flickr30k", _flickr30k)
-
-import amp.fashion  # noqa: E402, F401  (registers fashion-mnist:... and fmnist-captions:...)

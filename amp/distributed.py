@@ -249,7 +249,7 @@ def global_loss(criterion: Criterion, local_features: torch.Tensor, context: Glo
 
 class GlobalCriterion(Criterion):
     """``criterion`` defined on the global batch of all ranks; a drop-in :class:`Criterion` for
-    :func:`amp.scoring.taylor_scores` and :func:`amp.widths.amp_search` (every rank must call it the same
+    :func:`amp.scoring.taylor_scores` and :func:`amp.width_search.amp_search` (every rank must call it the same
     number of times, i.e. see the same number of batches: use :func:`sharded`)."""
 
     def __init__(self, criterion: Criterion):

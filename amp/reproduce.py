@@ -629,7 +629,7 @@ def zero_shot_prompts(spec: str, dataset) -> tuple[list[str], list[str]]:
         raise ValueError(f"{spec}: zero-shot classification needs a labelled data set with class names")
     templates = getattr(dataset, "templates", None)
     if templates is None and spec.split(":")[0] in ("fashion-mnist", "fmnist-captions"):
-        from amp.fashion import FASHION_TEMPLATES
+        from amp.zoo.fashion import FASHION_TEMPLATES
 
         templates = FASHION_TEMPLATES
     if len(classes) == 1000 and all(re.fullmatch(r"n\d{8}", c) for c in classes):
@@ -661,7 +661,7 @@ class Benchmark:
         batch_size: int = 64,
     ):
         from amp.api import loader
-        from amp.widths import materialise
+        from amp.width_search import materialise
 
         self.classification: dict[str, tuple[list, list[str], list[str]]] = {}
         self.retrieval: dict[str, list] = {}

@@ -37,7 +37,7 @@ from amp.evaluation import DEFAULT_TEMPLATES, embed_dataset, knn_classification,
 from amp.models import ModelSpecError
 from amp.recovery import calibration_stats, compensate_model
 from amp.surgery import snapshot
-from amp.widths import materialise, uniform_widths
+from amp.width_search import materialise, uniform_widths
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,7 +91,7 @@ def load(spec: str, device: str):
 
 def templates_for(data: str):
     if data.startswith(("fashion-mnist", "fmnist-captions")):
-        from amp.fashion import FASHION_TEMPLATES
+        from amp.zoo.fashion import FASHION_TEMPLATES
 
         return list(FASHION_TEMPLATES)
     return list(DEFAULT_TEMPLATES)

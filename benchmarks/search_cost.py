@@ -42,7 +42,7 @@ from amp.accounting import model_stats
 from amp.criteria import build_criterion
 from amp.models import build_architecture, load_model
 from amp.scoring import magnitude_scores, random_scores
-from amp.widths import amp_search
+from amp.width_search import amp_search
 
 
 class Baton:

@@ -40,7 +40,7 @@ from amp.accounting import model_stats
 from amp.evaluation import compare_throughput
 from amp.models import build_architecture, load_model
 from amp.surgery import prune, set_width
-from amp.widths import round_width
+from amp.width_search import round_width
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # On CPU the default skips ViT-L-14 at batch 64 (one step is minutes on 2 cores); naming batch sizes runs all.

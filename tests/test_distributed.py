@@ -14,7 +14,7 @@ import amp.distributed as D
 from amp.criteria import ClassCrossEntropy, ContrastiveCrossEntropy, Criterion, Entropy, KLToDense
 from amp.data import SyntheticImages
 from amp.scoring import magnitude_scores, taylor_scores
-from amp.widths import amp_search, materialise
+from amp.width_search import amp_search, materialise
 
 WORLD = 2
 IMAGES, BATCH, SEED = 11, 4, 3  # global batches of 4, 4, 3: the last is split 2 + 1

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import amp.fashion as fashion
+import amp.zoo.fashion as fashion
 from amp.data import DataSpecError, load_dataset
-from amp.fashion import FASHION_CLASSES, captioned_split, fashion_transform, load_fashion_mnist
+from amp.zoo.fashion import FASHION_CLASSES, captioned_split, fashion_transform, load_fashion_mnist
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -98,7 +98,7 @@ def test_scenes_prefix_stable_and_rendered():
 
 
 def test_training_tensors_match_eval_transform():
-    from amp.fashion import to_pil
+    from amp.zoo.fashion import to_pil
     from amp.zoo.train_tiny_clip import _to_tensor, full_frame
 
     transform = fashion_transform()

@@ -60,7 +60,7 @@ def test_zoo_tiny_clip_is_trained():
 
     from amp.data import load_dataset, make_loader
     from amp.evaluation import zero_shot_classification
-    from amp.fashion import FASHION_CLASSES, FASHION_TEMPLATES
+    from amp.zoo.fashion import FASHION_CLASSES, FASHION_TEMPLATES
 
     backbone = load_model("zoo:tiny-clip")
     assert backbone.is_clip and backbone.spec == "zoo:tiny-clip"

@@ -9,6 +9,7 @@ import importlib
 from collections.abc import Callable
 
 from amp.models import Backbone, ModelSpecError, register_source
+from amp.zoo import fashion  # noqa: F401  registers the fashion-mnist:... and fmnist-captions:... data sets
 
 ZOO: dict[str, Callable[..., Backbone]] = {}
 # name -> (model -> eval transform): lets a pruned zoo model, rebuilt without its loader, preprocess as its base did

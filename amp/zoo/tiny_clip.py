@@ -86,7 +86,7 @@ def verified_weights(directory: str | Path | None = None) -> tuple[Path, dict[st
 
 def eval_transform():
     """The image transform of the tiny CLIP: PIL → 64 px RGB tensor in [-1, 1] (grey 28 px items fill the frame)."""
-    from amp.fashion import fashion_transform
+    from amp.zoo.fashion import fashion_transform
 
     return fashion_transform(64)
 

@@ -2,13 +2,14 @@
 
     python -m amp.zoo.train_tiny_clip --out data/zoo            # needs `apt-get install dataset-fashion-mnist`
 
-Data: the ``fmnist-captions:train`` scenes (:mod:`amp.fashion`; scene ``i`` of the stream is scene ``i`` of that split,
+Data: the ``fmnist-captions:train`` scenes (:mod:`amp.zoo.fashion`;
+scene ``i`` of the stream is scene ``i`` of that split,
 continuing past its 55,000 scenes when the run needs more) plus full-frame grey Fashion-MNIST training images (images
 0–54,999, in seeded per-epoch permutations) for the class prompts.
 
 Loss per step: CLIP's symmetric contrastive loss over the composites and their captions (captions that occur twice in
 a batch count as positives of each other) plus a zero-shot classification loss: the full-frame images against the ten
-class embeddings, each the normalised mean of :data:`amp.fashion.FASHION_TEMPLATES` prompts (as zero-shot evaluation
+class embeddings, each the normalised mean of :data:`amp.zoo.fashion.FASHION_TEMPLATES` prompts (as zero-shot evaluation
 builds them). AdamW, linear warm-up then cosine decay.
 
 Reproducible bit for bit from ``--seed`` on one machine: fixed thread count, ``torch.use_deterministic_algorithms``,
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from amp.fashion import (
+from amp.zoo.fashion import (
     FASHION_CLASSES,
     FASHION_TEMPLATES,
     MEAN,
@@ -73,7 +74,7 @@ class TrainConfig:
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] → normalised float [N, 3, H, W], exactly as ``amp.fashion.fashion_transform`` does."""
+    """uint8 [N, H, W, 3] → normalised float [N, 3, H, W], exactly as ``amp.zoo.fashion.fashion_transform`` does."""
     x = torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).float().div(255.0)
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     return (x - mean) / std

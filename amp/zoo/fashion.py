@@ -116,7 +116,7 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-SUBSET_FILE = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist" / "fashion-mnist-subset.npz"
+SUBSET_FILE = Path(__file__).resolve().parents[2] / "data" / "fashion-mnist" / "fashion-mnist-subset.npz"
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -241,7 +241,7 @@ SUBSET_PER_CLASS = {"train": 200, "val": 50, "test": 200}
 
 
 def make_subset(path: str | Path = SUBSET_FILE, seed: int = SUBSET_SEED) -> Path:
-    """Rebuild the committed subset from the full data set (``python -c "import amp.fashion as f; f.make_subset()"``).
+    """Rebuild the committed subset from the full data set (``amp.zoo.fashion.make_subset()``).
 
     Per class: 200 train images (from images 0–54,999), 50 validation images (55,000–59,999) and 200 test images,
     drawn without replacement by ``numpy.random.default_rng(seed)``, kept in file order; their indices are stored too.

@@ -5,7 +5,7 @@ from conftest import images_for, tiny
 
 from amp.criteria import Entropy, KLToDense
 from amp.scoring import random_scores, taylor_scores
-from amp.widths import amp_search, global_widths, round_width, uniform_widths
+from amp.width_search import amp_search, global_widths, round_width, uniform_widths
 
 
 def _val(backbone, n_batches=2, size=6):
