@@ -188,6 +188,25 @@ class BackboneAdapter:
     def has_projection(self, model: nn.Module) -> bool:
         return False
 
+    # -- what distillation needs (the tower is ``self.vision(model)``) ----------------------------
+
+    def prefix_tokens(self, model: nn.Module) -> int:
+        """Tokens before the patch tokens in a block's output (class token, registers)."""
+        tower = self.vision(model)
+        if hasattr(tower, "num_prefix_tokens"):  # timm
+            return int(tower.num_prefix_tokens)
+        return 1 if getattr(tower, "class_embedding", None) is not None else 0  # open_clip
+
+    def head_parameter_names(self, model: nn.Module) -> list[str]:
+        """Names, in ``self.vision(model).named_parameters()``, of the final norm and projection."""
+        heads = {"ln_post", "proj", "norm", "fc_norm", "head"}
+        return [name for name, _ in self.vision(model).named_parameters() if name.split(".")[0] in heads]
+
+    def tokens_batch_first(self, model: nn.Module) -> bool:
+        """Whether a block's output is (batch, tokens, dim); open_clip's older towers run (tokens, batch, dim)."""
+        transformer = getattr(self.vision(model), "transformer", None)
+        return not (transformer is not None and getattr(transformer, "batch_first", True) is False)
+
     # -- derived, family-independent --------------------------------------------------------
 
     def sites(self, model: nn.Module) -> list[MLPSite]:
