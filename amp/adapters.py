@@ -1,22 +1,37 @@
-"""A uniform view of a vision transformer's MLPs, one small adapter per backbone family.
+"""Backbone families: one adapter class per family owns everything family-specific.
 
-Everything else in amp (scoring, search, surgery, accounting) works on this view and never on
-model classes or attribute names. Adding a backbone family means adding one adapter here (or
-registering one from outside with :func:`register_adapter`).
+An adapter says how to build the family's architecture from its record, how to preprocess images for it (and
+tokenize text), where its MLPs are, how to embed images, and what distillation needs (prefix tokens, head parameters,
+token layout). Everything else in amp (scoring, search, surgery, accounting, saving) works on the uniform view an
+adapter gives and never on model classes or attribute names. :func:`register_backbone` adds a family.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
+import open_clip
+import timm
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
+from timm.data import create_transform, resolve_data_config
+from timm.layers import GluMlp, Mlp, SwiGLU
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
 
 
 class UnsupportedModelError(TypeError):
     """The model, or one of its MLPs, has a structure amp does not know how to prune."""
+
+
+class ModelSpecError(ValueError):
+    """A model name, weights path or architecture record that cannot be resolved."""
 
 
 def type_name(obj: object) -> str:
@@ -55,8 +70,7 @@ class MLPSite:
         return [m for m in (self.fc_gate, self.fc_in, self.fc_out) if m is not None]
 
 
-# --- MLP layouts --------------------------------------------------------------------------------
-# Each function recognises one MLP module type and returns its site, or None.
+# --- MLP layouts: each recognises one MLP module type and returns its site, or None ------------
 
 
 def _hidden_norm(module: nn.Module | None) -> nn.Module | None:
@@ -76,10 +90,6 @@ def _require_linear(module: nn.Module, owner: nn.Module, attr: str) -> nn.Linear
 
 
 def _timm_layout(index: int, name: str, mlp: nn.Module) -> MLPSite | None:
-    try:
-        from timm.layers import GluMlp, Mlp, SwiGLU
-    except ImportError:  # timm is optional for open_clip-only users
-        return None
     if isinstance(mlp, (Mlp, GluMlp)) and type(mlp).__name__ in {"Mlp", "GluMlp", "SwiGLUPacked"}:
         packed = isinstance(mlp, GluMlp)
         if packed and getattr(mlp, "chunk_dim", -1) != -1:
@@ -122,18 +132,30 @@ def _open_clip_layout(index: int, name: str, mlp: nn.Module) -> MLPSite | None:
     )
 
 
-MLP_LAYOUTS: list[Callable[[int, str, nn.Module], MLPSite | None]] = [_timm_layout, _open_clip_layout]
-
-
 def describe_mlp(index: int, name: str, mlp: nn.Module) -> MLPSite:
-    for layout in MLP_LAYOUTS:
-        site = layout(index, name, mlp)
-        if site is not None:
-            return site
-    raise UnsupportedModelError(
-        f"{name} is a {type_name(mlp)}, an MLP type amp cannot prune. Supported: timm Mlp, GluMlp/SwiGLUPacked, "
-        "SwiGLU and open_clip's c_fc/c_proj MLP; see notebooks/07_new_backbone for writing an adapter."
-    )
+    """The site of a built-in MLP layout (timm or open_clip); :meth:`BackboneAdapter.mlp_site` extends it."""
+    site = _timm_layout(index, name, mlp) or _open_clip_layout(index, name, mlp)
+    if site is None:
+        raise UnsupportedModelError(
+            f"{name} is a {type_name(mlp)}, an MLP type amp cannot prune. Supported: timm Mlp, GluMlp/SwiGLUPacked, "
+            "SwiGLU and open_clip's c_fc/c_proj MLP; an adapter's mlp_site adds others (notebooks/07_new_backbone)."
+        )
+    return site
+
+
+# --- preprocessing records: JSON in amp.json, tuples for the libraries -----------------------------
+
+
+def _to_json(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+def _to_tuples(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+def _is_file_ref(ref: str) -> bool:
+    return "/" in ref or ref.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
 
 
 # --- Backbone adapters -------------------------------------------------------------------------
@@ -152,13 +174,21 @@ class _Captured(Exception):
 
 
 class BackboneAdapter:
-    """Maps one backbone family to the uniform view.
+    """One backbone family: how to build it, preprocess for it, find its MLPs and embed images with it.
 
-    A subclass names the vision tower, its block list (prefix ``block_prefix`` in ``named_modules``
-    of the vision tower), where each block's MLP lives, and how to embed images with or without the
-    projection head. Running part of a model (inputs cached at block ``l``) is generic: blocks before
-    ``l`` are swapped for pass-throughs and block ``l``'s input is replaced, so no family needs its own
-    copy of the forward pass.
+    A new family implements ``matches`` (is this model mine?), ``blocks`` and ``block_prefix`` (the block list and
+    its name in ``model.named_modules()``), ``embed`` and ``input_size``; ``build`` (the network of an architecture
+    record, so ``load_model("<family>:<name>")`` and ``load_pruned`` can rebuild it); ``preprocess_config`` and
+    ``eval_transform`` (a JSON record of its image transform and the transform it describes, so a reloaded model
+    preprocesses like the dense one); ``prefix_tokens`` and ``head_parameter_names`` for distillation. It may
+    extend ``mlp_site`` (MLPs other than timm's and open_clip's), ``mlp_of`` (default ``block.mlp``), ``vision``,
+    ``tokenizer``, ``has_projection``, ``tokens_batch_first`` and ``load`` (default: random init from ``build``).
+
+    The contract a block must meet: it is an entry of the indexable, assignable ``blocks(model)`` container that
+    ``embed`` runs in order, it receives the hidden state as its first positional argument and returns the next
+    hidden state as one tensor, and its MLP computes ``fc_out(act(fc_in(x)))`` with plain ``nn.Linear`` layers.
+    Running part of a model is then generic: blocks before ``l`` are swapped for pass-throughs and block ``l``'s input
+    is replaced, so no family needs its own copy of the forward pass.
     """
 
     family: str = "base"
@@ -178,6 +208,10 @@ class BackboneAdapter:
     def mlp_of(self, block: nn.Module) -> nn.Module:
         return block.mlp
 
+    def mlp_site(self, index: int, name: str, mlp: nn.Module) -> MLPSite:
+        """Where one MLP's hidden units are; extend it for MLP types of your own, ``super()`` for the rest."""
+        return describe_mlp(index, name, mlp)
+
     def embed(self, model: nn.Module, images: torch.Tensor, project: bool = False) -> torch.Tensor:
         """Pooled image embedding; ``project=False`` is the pre-projection feature the paper scores with."""
         raise NotImplementedError
@@ -188,30 +222,50 @@ class BackboneAdapter:
     def has_projection(self, model: nn.Module) -> bool:
         return False
 
+    # -- building and preprocessing (the record is ``{"family", "name", "kwargs", "preprocess"}``) -------------
+
+    def build(self, arch: dict[str, Any], device: str | torch.device) -> nn.Module:
+        """The network an architecture record describes, randomly initialised (shapes only on ``meta``)."""
+        raise NotImplementedError(f"the {self.family} adapter cannot build architectures")
+
+    def load(
+        self, name: str, device: str | torch.device, pretrained: bool = True, **kwargs: Any
+    ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+        """``<family>:<name>`` for :func:`amp.models.load_model`: the model, its architecture record, its provenance."""
+        arch = {"family": self.family, "name": name, "kwargs": kwargs}
+        return self.build(arch, device), arch, {"weights": "random-init"}
+
+    def preprocess_config(self, model: nn.Module) -> dict[str, Any]:
+        """JSON record of the model's eval transform (sizes, mean/std, interpolation, crop), stored in amp.json."""
+        return {}
+
+    def eval_transform(self, config: dict[str, Any]) -> Callable | None:
+        """The eval image transform a :meth:`preprocess_config` record describes."""
+        return None
+
+    def tokenizer(self, model: nn.Module, arch: dict[str, Any]) -> Callable | None:
+        """The text tokenizer of a CLIP model (None for image-only families)."""
+        return None
+
     # -- what distillation needs (the tower is ``self.vision(model)``) ----------------------------
 
     def prefix_tokens(self, model: nn.Module) -> int:
         """Tokens before the patch tokens in a block's output (class token, registers)."""
-        tower = self.vision(model)
-        if hasattr(tower, "num_prefix_tokens"):  # timm
-            return int(tower.num_prefix_tokens)
-        return 1 if getattr(tower, "class_embedding", None) is not None else 0  # open_clip
+        raise NotImplementedError(f"the {self.family} adapter does not say how many prefix tokens it has")
 
     def head_parameter_names(self, model: nn.Module) -> list[str]:
         """Names, in ``self.vision(model).named_parameters()``, of the final norm and projection."""
-        heads = {"ln_post", "proj", "norm", "fc_norm", "head"}
-        return [name for name, _ in self.vision(model).named_parameters() if name.split(".")[0] in heads]
+        raise NotImplementedError(f"the {self.family} adapter does not name its head parameters")
 
     def tokens_batch_first(self, model: nn.Module) -> bool:
-        """Whether a block's output is (batch, tokens, dim); open_clip's older towers run (tokens, batch, dim)."""
-        transformer = getattr(self.vision(model), "transformer", None)
-        return not (transformer is not None and getattr(transformer, "batch_first", True) is False)
+        """Whether a block's output is (batch, tokens, dim) rather than (tokens, batch, dim)."""
+        return True
 
     # -- derived, family-independent --------------------------------------------------------
 
     def sites(self, model: nn.Module) -> list[MLPSite]:
         prefix = self.block_prefix(model)
-        return [describe_mlp(i, f"{prefix}.{i}.mlp", self.mlp_of(block)) for i, block in enumerate(self.blocks(model))]
+        return [self.mlp_site(i, f"{prefix}.{i}.mlp", self.mlp_of(block)) for i, block in enumerate(self.blocks(model))]
 
     def block_inputs(self, model: nn.Module, images: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
         """The inputs of the given blocks in one forward pass (it stops after the last one needed)."""
@@ -298,21 +352,57 @@ class BackboneAdapter:
                 blocks[i] = block
 
 
-class OpenClipAdapter(BackboneAdapter):
+class OpenClipModels(BackboneAdapter):
+    """Building, weights, preprocessing and tokenizer of open_clip models (``open_clip:<arch>[:<tag or file>]``)."""
+
+    def _check_name(self, name: str) -> None:
+        if name not in open_clip.list_models():
+            raise ModelSpecError(f"unknown open_clip architecture {name!r}; see open_clip.list_models()")
+
+    def build(self, arch: dict[str, Any], device: str | torch.device) -> nn.Module:
+        self._check_name(arch["name"])
+        return open_clip.create_model(arch["name"], pretrained=None, device=device, **arch.get("kwargs", {}))
+
+    def load(
+        self, name: str, device: str | torch.device, pretrained: bool = True, **kwargs: Any
+    ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+        """``<arch>:<tag>`` downloads the tag; with ``pretrained=False`` it keeps only the tag's preprocessing."""
+        name, _, source = name.partition(":")
+        arch = {"family": self.family, "name": name, "kwargs": kwargs}
+        if source and _is_file_ref(source) and not Path(source).is_file():
+            raise ModelSpecError(f"weights file not found: {source}")
+        self._check_name(name)
+        if pretrained or not source:
+            model = open_clip.create_model(name, pretrained=source or None, device=device, **kwargs)
+            return model, arch, {"weights": source or "random-init"}
+        # what open_clip merges from a tag when it loads its weights; the size stays the tower's own
+        tag_cfg = merge_preprocess_dict({}, open_clip.get_pretrained_cfg(name, source))
+        tag_cfg.pop("size", None)
+        model = open_clip.create_model(name, pretrained=None, device=device, force_preprocess_cfg=tag_cfg, **kwargs)
+        return model, arch, {"weights": "random-init"}
+
+    def preprocess_config(self, model: nn.Module) -> dict[str, Any]:
+        tower = getattr(model, "visual", model)
+        return _to_json(asdict(PreprocessCfg(**getattr(tower, "preprocess_cfg", {}))))
+
+    def eval_transform(self, config: dict[str, Any]) -> Callable:
+        return image_transform_v2(PreprocessCfg(**_to_tuples(config)), is_train=False)
+
+    def tokenizer(self, model: nn.Module, arch: dict[str, Any]) -> Callable | None:
+        return open_clip.get_tokenizer(arch["name"]) if hasattr(model, "encode_text") else None
+
+
+class OpenClipAdapter(OpenClipModels):
     """open_clip CLIP (or a bare ``VisionTransformer``): prunes the image tower, never the text tower."""
 
     family = "open_clip"
 
     @staticmethod
     def _visual(model: nn.Module) -> nn.Module | None:
-        try:
-            from open_clip.transformer import VisionTransformer
-        except ImportError:
-            return None
-        if isinstance(model, VisionTransformer):
+        if isinstance(model, OpenClipVisionTransformer):
             return model
         visual = getattr(model, "visual", None)
-        return visual if isinstance(visual, VisionTransformer) else None
+        return visual if isinstance(visual, OpenClipVisionTransformer) else None
 
     def matches(self, model: nn.Module) -> bool:
         return self._visual(model) is not None
@@ -344,19 +434,25 @@ class OpenClipAdapter(BackboneAdapter):
     def has_projection(self, model: nn.Module) -> bool:
         return self.vision(model).proj is not None
 
+    def prefix_tokens(self, model: nn.Module) -> int:
+        return 1 if getattr(self.vision(model), "class_embedding", None) is not None else 0
+
+    def head_parameter_names(self, model: nn.Module) -> list[str]:
+        return [name for name, _ in self.vision(model).named_parameters() if name.split(".")[0] in {"ln_post", "proj"}]
+
+    def tokens_batch_first(self, model: nn.Module) -> bool:
+        """open_clip's older towers run (tokens, batch, dim)."""
+        return getattr(self.vision(model).transformer, "batch_first", True) is not False
+
 
 class TimmAdapter(BackboneAdapter):
     """timm ``VisionTransformer`` (incl. DINOv2 with LayerScale, SwiGLU variants) and ``Eva``/EVA02."""
 
     family = "timm"
+    HEADS = frozenset({"norm", "fc_norm", "head"})  # top-level modules after the blocks
 
     def matches(self, model: nn.Module) -> bool:
-        try:
-            from timm.models.eva import Eva
-            from timm.models.vision_transformer import VisionTransformer
-        except ImportError:
-            return False
-        return isinstance(model, (VisionTransformer, Eva))
+        return isinstance(model, (TimmVisionTransformer, Eva))
 
     def blocks(self, model: nn.Module) -> nn.Sequential | nn.ModuleList:
         return model.blocks
@@ -365,8 +461,7 @@ class TimmAdapter(BackboneAdapter):
         return "blocks"
 
     def embed(self, model: nn.Module, images: torch.Tensor, project: bool = False) -> torch.Tensor:
-        features = model.forward_head(model.forward_features(images), pre_logits=not project)
-        return features
+        return model.forward_head(model.forward_features(images), pre_logits=not project)
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         size = model.patch_embed.img_size
@@ -375,15 +470,56 @@ class TimmAdapter(BackboneAdapter):
     def has_projection(self, model: nn.Module) -> bool:
         return not isinstance(model.head, nn.Identity)
 
+    def prefix_tokens(self, model: nn.Module) -> int:
+        return int(model.num_prefix_tokens)
 
-class OpenClipTimmAdapter(TimmAdapter):
+    def head_parameter_names(self, model: nn.Module) -> list[str]:
+        return [name for name, _ in model.named_parameters() if name.split(".")[0] in self.HEADS]
+
+    @staticmethod
+    def _check_name(name: str) -> str:
+        arch = name.split(".")[0]
+        if not timm.is_model(arch):
+            raise ModelSpecError(f"unknown timm model {name!r}; see timm.list_models()")
+        return arch
+
+    def build(self, arch: dict[str, Any], device: str | torch.device) -> nn.Module:
+        name = self._check_name(arch["name"])
+        with torch.device(device):
+            return timm.create_model(name, pretrained=False, **arch.get("kwargs", {}))
+
+    def load(
+        self, name: str, device: str | torch.device, pretrained: bool = True, **kwargs: Any
+    ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+        """``<name>`` random init, ``<name>.<tag>`` that tag (its data config even without weights), or a file."""
+        name, _, weights = name.partition(":")
+        kwargs.setdefault("num_classes", 0)  # amp works on features; the classifier is not part of the backbone
+        arch = {"family": self.family, "name": self._check_name(name), "kwargs": kwargs}
+        if weights:
+            if not Path(weights).is_file():
+                raise ModelSpecError(f"weights file not found: {weights}")
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs)
+        else:
+            model = timm.create_model(name, pretrained=pretrained and "." in name, **kwargs)
+        tagged = pretrained and "." in name
+        return model.to(device), arch, {"weights": weights or (name if tagged else "random-init")}
+
+    def preprocess_config(self, model: nn.Module) -> dict[str, Any]:
+        """timm's data config of the model's weights (its ``pretrained_cfg``) at the model's input size."""
+        return _to_json(resolve_data_config({"input_size": self.input_size(model)}, model=model))
+
+    def eval_transform(self, config: dict[str, Any]) -> Callable:
+        return create_transform(**_to_tuples(config))
+
+
+class OpenClipTimmAdapter(OpenClipModels, TimmAdapter):
     """open_clip CLIP whose image tower is a timm trunk (``TimmModel``: open_clip's EVA02-CLIP configs, ...)."""
 
     family = "open_clip_timm"
 
     def matches(self, model: nn.Module) -> bool:
         visual = getattr(model, "visual", None)
-        return type(visual).__name__ == "TimmModel" and super().matches(getattr(visual, "trunk", None))
+        return type(visual).__name__ == "TimmModel" and TimmAdapter.matches(self, getattr(visual, "trunk", None))
 
     def vision(self, model: nn.Module) -> nn.Module:
         return model.visual
@@ -397,7 +533,7 @@ class OpenClipTimmAdapter(TimmAdapter):
     def embed(self, model: nn.Module, images: torch.Tensor, project: bool = False) -> torch.Tensor:
         if project:
             return model.visual(images)
-        return super().embed(model.visual.trunk, images, project=False)
+        return TimmAdapter.embed(self, model.visual.trunk, images, project=False)
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         return (3, *model.visual.image_size)
@@ -405,20 +541,44 @@ class OpenClipTimmAdapter(TimmAdapter):
     def has_projection(self, model: nn.Module) -> bool:
         return True
 
+    def prefix_tokens(self, model: nn.Module) -> int:
+        return TimmAdapter.prefix_tokens(self, model.visual.trunk)
+
+    def head_parameter_names(self, model: nn.Module) -> list[str]:
+        """The trunk's final norm / fc_norm (its own head is reset) and open_clip's head projection."""
+        trunk = [f"trunk.{name}" for name in TimmAdapter.head_parameter_names(self, model.visual.trunk)]
+        return trunk + [name for name, _ in model.visual.head.named_parameters(prefix="head")]
+
+
+# --- the registry: a list of adapters, tried in order -------------------------------------------
 
 ADAPTERS: list[BackboneAdapter] = [OpenClipAdapter(), OpenClipTimmAdapter(), TimmAdapter()]
 
 
-def register_adapter(adapter: BackboneAdapter, first: bool = True) -> None:
-    """Add an adapter for a new backbone family (tried before the built-in ones when ``first``)."""
-    ADAPTERS.insert(0, adapter) if first else ADAPTERS.append(adapter)
+def register_backbone(adapter: BackboneAdapter | type[BackboneAdapter], first: bool = True) -> BackboneAdapter:
+    """Add a backbone family (an adapter instance or class): ``load_model("<family>:<name>")``, ``adapter_for`` and
+    ``load_pruned`` then know it. It replaces a registered family of the same name and, when ``first``, is tried
+    before the others when matching a model."""
+    instance = adapter() if isinstance(adapter, type) else adapter
+    ADAPTERS[:] = [known for known in ADAPTERS if known.family != instance.family]
+    ADAPTERS.insert(0, instance) if first else ADAPTERS.append(instance)
+    return instance
+
+
+def adapter_named(family: str) -> BackboneAdapter:
+    """The registered adapter of a family, as named in architecture records."""
+    for adapter in ADAPTERS:
+        if adapter.family == family:
+            return adapter
+    raise ModelSpecError(f"unknown architecture family {family!r}; known: {sorted(a.family for a in ADAPTERS)}")
 
 
 def adapter_for(model: nn.Module) -> BackboneAdapter:
+    """The first registered adapter that recognises the model."""
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter
     raise UnsupportedModelError(
         f"no amp adapter for a {type_name(model)}. Supported: open_clip CLIP/VisionTransformer, timm "
-        "VisionTransformer (incl. DINOv2) and Eva; register_adapter() adds one (notebooks/07_new_backbone)."
+        "VisionTransformer (incl. DINOv2) and Eva; register_backbone() adds one (notebooks/07_new_backbone)."
     )

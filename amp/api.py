@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
@@ -9,22 +11,31 @@ import torch
 
 from amp import distributed
 from amp.accounting import model_stats
+from amp.adapters import register_backbone
 from amp.criteria import build_criterion
 from amp.data import load_dataset, make_loader
-from amp.io import load_pruned, save_pruned
+from amp.distill import distill, train_transform
+from amp.evaluation import EvalSuite, evaluate, zero_shot_classifier
 from amp.io import write_json as _write_json
-from amp.models import Backbone, load_model
+from amp.models import Backbone, load_model, load_pruned, save_pruned
+from amp.recovery import calibration_stats, compensate_model
 from amp.scoring import Scores, load_scores, magnitude_scores, random_scores, save_scores, taylor_scores
+from amp.surgery import prune as slice_sites
+from amp.surgery import snapshot
 from amp.width_search import amp_search, apply_widths, global_widths, materialise, uniform_widths
 
 __all__ = [
     "Backbone",
+    "EvalSuite",
     "evaluate",
     "load_model",
     "load_pruned",
     "load_scores",
     "loader",
     "model_stats",
+    "prune",
+    "recover",
+    "register_backbone",
     "save_pruned",
     "save_scores",
     "score",
@@ -68,7 +79,9 @@ def score(
     if method != "taylor":
         raise ValueError(f"unknown scoring method {method!r}; choose taylor, magnitude or random")
     data = loader(backbone, data, batch_size, seed)
-    crit = build_criterion(criterion, backbone, temp_inv, _dataset_of(data), device or "cpu")
+    crit = build_criterion(
+        criterion, backbone, temp_inv, _dataset_of(data), device or "cpu", zero_shot_head=zero_shot_classifier
+    )
     scores = taylor_scores(
         backbone, data, crit, signed=signed, max_images=max_images, device=device, checkpoint=checkpoint
     )
@@ -94,7 +107,9 @@ def search(
     """Choose widths (``amp`` bisection, or ``uniform``/``global`` at ``ratio``) and prune ``backbone`` in place."""
     dense_widths = backbone.widths()
     val = loader(backbone, data, batch_size, seed)
-    crit = build_criterion(criterion, backbone, temp_inv, _dataset_of(val), device or "cpu")
+    crit = build_criterion(
+        criterion, backbone, temp_inv, _dataset_of(val), device or "cpu", zero_shot_head=zero_shot_classifier
+    )
     if distributed.world_size() > 1:  # the loss of the global batch, identical on every rank
         crit = distributed.GlobalCriterion(crit)
     batches = materialise(val, max_images)
@@ -120,38 +135,93 @@ def search(
     return result.to_json()
 
 
-def evaluate(
-    backbone: Backbone,
-    classification: str | None = None,
-    retrieval: str | None = None,
-    knn_train: str | None = None,
-    dense: Backbone | None = None,
-    batch_size: int = 64,
-    max_images: int | None = None,
-    device: str = "cpu",
-    throughput_batch: int = 64,
-) -> dict[str, Any]:
-    """Size, speed and quality of a model; with ``dense`` also its fidelity and speed-up against it."""
-    from amp.evaluation import compare_throughput, throughput
-    from amp.pipeline import EvalData, quality
-
-    stats = model_stats(backbone)
-    data = EvalData(classification, retrieval, knn_train, max_images=max_images)
-    report: dict[str, Any] = {
-        "params_M": stats.params / 1e6,
-        "mlp_params_M": stats.mlp_params / 1e6,
-        "gflops": stats.flops / 1e9,
-        "widths": backbone.widths(),
-        **quality(backbone, data, batch_size, device, dense),
-    }
-    if dense is not None:
-        speed = compare_throughput(dense, backbone, batch_size=throughput_batch, device=device)
-        report.update({"images_per_s": speed["pruned"], "dense_images_per_s": speed["dense"]})
-        report["speedup"] = speed["speedup"]
-    else:
-        report["images_per_s"] = throughput(backbone, batch_size=throughput_batch, device=device)
-    return report
-
-
 def write_json(path, data) -> None:
     _write_json(path, asdict(data) if is_dataclass(data) else data)
+
+
+def prune(
+    backbone: Backbone,
+    scores: Scores,
+    widths: Sequence[int] | None = None,
+    allocation: str = "uniform",
+    ratio: float | None = None,
+    round_to: int = 1,
+    inplace: bool = False,
+) -> Backbone:
+    """Scores → widths → sliced model: keep each MLP's ``widths[l]`` best units (or a ``uniform``/``global``
+    allocation at ``ratio``). Returns a pruned copy unless ``inplace``; the search itself is :func:`search`."""
+    if widths is None:
+        if ratio is None:
+            raise ValueError("prune needs widths, or an allocation ('uniform' or 'global') with a ratio")
+        if allocation == "uniform":
+            widths = uniform_widths(backbone.widths(), ratio, round_to)
+        elif allocation == "global":
+            widths = global_widths(scores, ratio, round_to)
+        else:
+            raise ValueError(f"unknown allocation {allocation!r}; choose uniform or global (or run amp.search)")
+    if list(scores.widths) != backbone.widths():
+        raise ValueError(f"scores are for MLP widths {scores.widths}, the model has {backbone.widths()}")
+    pruned = backbone if inplace else copy.deepcopy(backbone)
+    slice_sites(pruned.sites(), scores.orders(), list(widths))
+    pruned.info["dense_widths"] = list(scores.widths)
+    pruned.info.setdefault("base_model", backbone.spec)
+    return pruned
+
+
+def _check_sliced_from(pruned: Backbone, dense: Backbone, scores: Scores) -> None:
+    """Compensation refits from the dense weights, so the pruned model must keep the scores' best units."""
+    for site, dense_site, order in zip(pruned.sites(), dense.sites(), scores.orders()):
+        expected = dense_site.fc_in.weight[order[: site.hidden].to(dense_site.fc_in.weight.device)]
+        kept = site.fc_in.weight[: site.hidden]
+        if kept.shape != expected.shape or not torch.equal(kept.detach().cpu(), expected.detach().cpu()):
+            raise ValueError(
+                f"{site.name}: the pruned model does not keep the best units of these scores; compensate with the "
+                "scores it was pruned with"
+            )
+
+
+def recover(
+    pruned: Backbone,
+    method: str,
+    data,
+    dense: Backbone,
+    scores: Scores | None = None,
+    calib_images: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str | None = None,
+    ridge: float = 1e-4,
+    **distill_options: Any,
+) -> Backbone:
+    """A recovered copy of ``pruned``: ``bias``/``lstsq`` compensation calibrated on ``data`` (needs the ``scores``
+    it was pruned with), or ``distill`` from ``dense`` on ``data`` (options as :func:`amp.distill.distill`)."""
+    if method in ("bias", "lstsq"):
+        if scores is None:
+            raise ValueError(f"{method} compensation needs the scores the model was pruned with")
+        _check_sliced_from(pruned, dense, scores)
+        recovered = copy.deepcopy(dense)
+        states = [snapshot(site) for site in recovered.sites()]
+        calibration = materialise(loader(dense, data, batch_size, seed), calib_images)
+        stats = calibration_stats(dense, calibration, device=device)
+        compensate_model(recovered, states, scores.orders(), pruned.widths(), stats, method=method, ridge=ridge)
+        recovered.info = {**pruned.info, "recovery": {"method": method, "calib_images": calib_images, "ridge": ridge}}
+        return recovered
+    if method == "distill":
+        return _distilled(pruned, dense, data, batch_size=batch_size, seed=seed, device=device, **distill_options)
+    raise ValueError(f"unknown recovery {method!r}; choose bias, lstsq or distill")
+
+
+def _distilled(
+    pruned: Backbone, dense: Backbone, data, seed: int, device: str | None, augment: bool = False, **options: Any
+) -> Backbone:
+    student = copy.deepcopy(pruned)
+    if isinstance(data, str):  # the training transform follows the student's own preprocessing
+        data = load_dataset(data, train_transform(student) if augment else student.preprocess)
+    report = distill(student, dense, data, seed=seed, device=device, **options)
+    student.info["recovery"] = {
+        "method": "distill",
+        "steps": report["steps"],
+        "wall_time_s": report["wall_time_s"],
+        "loss": [entry["loss"] for entry in report["history"]],  # the curve notebooks plot
+    }
+    return student

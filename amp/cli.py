@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -11,14 +12,15 @@ from typing import Any
 
 import torch
 
-from amp import api
-from amp import distill as distill_cli
-from amp import reproduce as reproduce_cli
+from amp import api, distributed
+from amp import reproduce as runner
 from amp.adapters import UnsupportedModelError
 from amp.criteria import CRITERIA, NonFiniteLossError
-from amp.data import DataSpecError
+from amp.data import DataSpecError, load_dataset
+from amp.distill import LOSSES, SHARDINGS, DistillConfig, default_device, distill, train_transform
+from amp.evaluation import evaluate
 from amp.models import ModelSpecError
-from amp.pipeline import PipelineConfig as PipelineDefaults
+from amp.pipeline import PipelineConfig, markdown, run
 
 USER_ERRORS = (ModelSpecError, DataSpecError, UnsupportedModelError, NonFiniteLossError, FileNotFoundError, ValueError)
 
@@ -69,8 +71,15 @@ def cmd_info(args) -> None:
         print(json.dumps(stats.to_dict(), indent=2))
         return
     print(f"{args.model}  ({backbone.adapter.family} adapter, {len(stats.blocks)} MLPs)")
-    print(f"  vision tower parameters  {stats.params / 1e6:10.2f} M   MLP share {stats.mlp_param_share:6.1%}")
-    print(f"  FLOPs per image          {stats.flops / 1e9:10.2f} G   MLP share {stats.mlp_flop_share:6.1%}")
+    # two FLOP conventions: every matmul (attention's q @ k^T and attn @ v included), and the paper's (linear layers
+    # and the patch projection only: 0.52 T for ViT-g-14, 0.534 T with the attention matmuls)
+    rows = (
+        ("vision tower parameters (M)", stats.params / 1e6, stats.mlp_param_share),
+        ("GFLOPs (all matmuls)", stats.flops / 1e9, stats.mlp_flop_share),
+        ("GFLOPs (linear + patch, paper's convention)", stats.linear_flops / 1e9, stats.mlp_linear_flop_share),
+    )
+    for label, value, mlp_share in rows:
+        print(f"  {label:<44} {value:10.3f}   MLP share {mlp_share:6.1%}")
     if args.per_block:
         print(f"  {'block':>5} {'width':>6} {'params (M)':>11} {'MLP params':>11} {'GFLOPs':>8} {'MLP GFLOPs':>11}")
         for b in stats.blocks:
@@ -147,7 +156,7 @@ def cmd_prune(args, save_model: bool = True) -> None:
 def cmd_eval(args) -> None:
     backbone = _load(args)
     dense = api.load_model(args.dense, device=args.device) if args.dense else None
-    report = api.evaluate(
+    report = evaluate(
         backbone,
         classification=args.classification,
         retrieval=args.retrieval,
@@ -156,6 +165,7 @@ def cmd_eval(args) -> None:
         batch_size=args.batch_size,
         max_images=args.max_images,
         device=args.device,
+        intervals=True,
     )
     if args.out:
         api.write_json(args.out, report)
@@ -163,8 +173,6 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from amp.pipeline import EvalData, PipelineConfig, markdown, run
-
     defaults = PipelineConfig()
     config = PipelineConfig(
         model=args.model,
@@ -180,17 +188,135 @@ def cmd_demo(args) -> None:
         val_images=args.val_images,
         seed=args.seed,
         device=args.device,
-        eval=EvalData(
-            classification=args.classification if args.classification != "none" else None,
-            retrieval=args.retrieval if args.retrieval != "none" else None,
-            knn_train=args.knn_train,
-            max_images=args.eval_images,
-        ),
+        classification=args.classification if args.classification != "none" else None,
+        retrieval=args.retrieval if args.retrieval != "none" else None,
+        knn_train=args.knn_train,
+        eval_images=args.eval_images,
     )
     start = time.perf_counter()
     report = run(config, args.out)
     print(markdown(report))
     print(f"pruned model and REPORT.md in {args.out} ({time.perf_counter() - start:.0f} s in all)")
+
+
+def _notebook_overrides(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``--set NN.name=JSON`` pairs as ``{"NN": {name: value}}`` (a value that is not JSON stays a string)."""
+    found: dict[str, dict[str, Any]] = {}
+    for pair in pairs or []:
+        match = re.fullmatch(r"(\d\d)\.(\w+)=(.*)", pair, flags=re.S)
+        if not match:
+            raise ValueError(f"--set expects NN.name=JSON (e.g. 02.ratios=[0.5]), got {pair!r}")
+        nb, name, value = match.groups()
+        try:
+            found.setdefault(nb, {})[name] = json.loads(value)
+        except json.JSONDecodeError:
+            found.setdefault(nb, {})[name] = value
+    return found
+
+
+def cmd_reproduce(args) -> int:
+    """Run the notebooks (or only strip them); the exit status is 1 when a notebook failed."""
+    if args.strip:
+        for path in runner.notebook_paths():
+            print(f"{path.name}: {'stripped' if runner.strip_notebook(path) else 'clean'}")
+        return 0
+    result = runner.reproduce(
+        profile=args.profile,
+        only=args.only,
+        out=args.out,
+        paper_paths={key: getattr(args, key) for key in runner.PATH_OPTIONS},
+        figures=args.figures,
+        kernel=args.kernel,
+        overrides=_notebook_overrides(args.set),
+        keep_going=not args.stop_on_error,
+        log_output=args.log_output,
+    )
+    print(f"report: {result['report']} ({result['seconds'] / 60:.1f} min)")
+    for r in result["notebooks"]:
+        if not r["ok"]:
+            print(f"amp reproduce: {r['name']} failed in {r['error']}; see {r['executed']}", file=sys.stderr)
+    return 0 if result["ok"] else 1
+
+
+def _add_distill_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student", required=True, help="pruned model directory (or any model spec)")
+    p.add_argument("--teacher", help="teacher model spec (default: the student's base_model from amp.json)")
+    p.add_argument("--data", required=True, help="training images, e.g. imagefolder:/imagenet/train")
+    p.add_argument("--steps", type=int, required=True, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch size (all processes together)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (not scaled by the batch size)")
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--loss", choices=LOSSES, default="mse_tokens")
+    p.add_argument("--temp-inv", type=float, default=15.0, help="inverse temperature of similarity_kl")
+    p.add_argument("--train-head", action="store_true", help="train the final norm/projection too")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--augment", action="store_true", help="RandomResizedCrop(0.2-1) + flip, not the eval transform")
+    p.add_argument("--out", required=True, help="output directory for the distilled model")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints in --out/checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/checkpoint.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available")
+    p.add_argument(
+        "--sharding",
+        choices=SHARDINGS,
+        default="ddp",
+        help="under torchrun: replicate the student (ddp) or shard its weights, gradients and optimiser (fsdp)",
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_distill(args) -> None:
+    """Load the student and its teacher, distil, and save the student (rank 0) with its distillation provenance."""
+    world = distributed.world_size()
+    device = torch.device(args.device) if args.device else default_device(world)
+    fsdp = args.sharding == "fsdp" and world > 1  # the student stays on the CPU; only its shards go to the GPU
+    student = api.load_model(args.student, device="cpu" if fsdp else str(device))
+    teacher_spec = args.teacher or student.info.get("base_model")
+    if not teacher_spec or teacher_spec == args.student:
+        raise ValueError("no teacher: pass --teacher (the student's amp.json names no base_model)")
+    teacher = api.load_model(teacher_spec, device=str(device))
+    dataset = load_dataset(args.data, train_transform(student) if args.augment else student.preprocess)
+    out = Path(args.out)
+    config = DistillConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        loss=args.loss,
+        temp_inv=args.temp_inv,
+        train_head=args.train_head,
+        grad_clip=args.grad_clip or None,
+        seed=args.seed,
+        sharding=args.sharding,
+        checkpoint_dir=out / "checkpoints",
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        device=device,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+    result = distill(student, teacher, dataset, config=config)
+    if distributed.rank() == 0:
+        provenance = {
+            **result["settings"],
+            "teacher": teacher_spec,
+            "data": args.data,
+            "augment": args.augment,
+            "world_size": world,
+            "final_loss": result["final_loss"],
+            "wall_time_s": result["wall_time_s"],
+        }
+        student.info.setdefault("base_model", teacher_spec)
+        api.save_pruned(student, out, distill=provenance)
+        print(
+            f"distilled {args.steps} steps: loss {result['history'][0]['loss']:.5g} -> {result['final_loss']:.5g}, "
+            f"{result['images_per_s']:.1f} images/s; model written to {out}"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,12 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=lambda a, save=save: cmd_prune(a, save_model=save))
 
     p = sub.add_parser("distill", help="recover a pruned model by distillation from its dense original")
-    distill_cli.add_arguments(p)
-    p.set_defaults(func=distill_cli.run)
+    _add_distill_arguments(p)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("reproduce", help="run the notebooks with papermill and collect their tables")
-    reproduce_cli.add_arguments(p)
-    p.set_defaults(func=reproduce_cli.command)
+    p.add_argument("--profile", choices=runner.PROFILES, default="cpu", help="cpu: offline, minutes; paper: GPUs, data")
+    p.add_argument("--only", help="comma-separated notebook numbers or names, e.g. 02,04")
+    p.add_argument("--out", help="output folder (default results/<profile>)")
+    p.add_argument("--figures", help="figure folder (default figures/ for results/cpu, else <out>/figures)")
+    for key, text in runner.PATH_OPTIONS.items():
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, help=f"paper profile: {text}")
+    p.add_argument("--set", action="append", metavar="NN.NAME=JSON", help="override a parameter, e.g. 02.ratios=[0.5]")
+    p.add_argument("--kernel", default=runner.KERNEL, help="Jupyter kernel (default: this interpreter's python3)")
+    p.add_argument("--stop-on-error", action="store_true", help="stop at the first failing notebook")
+    p.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
+    p.add_argument("--strip", action="store_true", help="only strip the outputs of notebooks/*.ipynb (before commit)")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("eval", help="evaluate a model: size, speed and quality")
     _add_model(p)
@@ -267,12 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="scoring data (default: captioned Fashion-MNIST, train subset)")
     p.add_argument("--val-data", help="search data (default: --data, or the captioned validation subset)")
     _add_criterion(p)
-    p.add_argument("--threshold", type=float, default=PipelineDefaults.threshold)
+    p.add_argument("--threshold", type=float, default=PipelineConfig.threshold)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--round-to", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--score-images", type=int, default=PipelineDefaults.score_images)
-    p.add_argument("--val-images", type=int, default=PipelineDefaults.val_images)
+    p.add_argument("--score-images", type=int, default=PipelineConfig.score_images)
+    p.add_argument("--val-images", type=int, default=PipelineConfig.val_images)
     p.add_argument("--eval-images", type=int, default=None)
     p.add_argument("--classification", default="fashion-mnist:test-subset", help="labelled eval data, or none")
     p.add_argument("--retrieval", default="fmnist-captions:test-subset", help="captioned eval data, or none")
@@ -285,8 +421,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from amp import distributed
-
     distributed.init_from_env()  # a no-op unless started by torchrun
     try:
         status = args.func(args)

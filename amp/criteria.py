@@ -4,19 +4,24 @@ A criterion is a small object with two calls:
 
 * ``context(targets, dense_features)``: everything the loss needs besides the features, computed once per
   batch without gradient (text features, labels, the dense model's similarity distribution);
-* ``__call__(features, context)``: the scalar loss, in fp32.
+* ``__call__(features, context)``: the scalar loss, in fp32;
+* ``rank_share(local, everyone, context, rows)``: this process's share of the loss of a global batch spread over
+  several processes (:mod:`amp.distributed`), so that the shares sum to the loss and its gradient.
 
 ``needs_projection`` says which embedding it reads: the pre-projection feature (as the paper's entropy)
-or the projected one shared with text.
+or the projected one shared with text. A new criterion is one subclass here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from amp.data import make_loader
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -37,6 +42,25 @@ def similarity_logits(features: torch.Tensor, temp_inv: float) -> torch.Tensor:
     return temp_inv * f @ f.T
 
 
+def _row_similarity_logits(rows: torch.Tensor, columns: torch.Tensor, temp_inv: float) -> torch.Tensor:
+    """temp_inv × cosine similarity of some images (rows) with every image of the batch (columns), in fp32."""
+    return temp_inv * F.normalize(rows.float(), dim=-1) @ F.normalize(columns.float(), dim=-1).T
+
+
+@dataclass(frozen=True)
+class GlobalRows:
+    """Where one process's rows sit in a global batch spread over ``world_size`` processes."""
+
+    offset: int
+    count: int
+    total: int
+    world_size: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.offset, self.offset + self.count)
+
+
 class Criterion:
     name = "criterion"
     needs_projection = False
@@ -48,6 +72,15 @@ class Criterion:
 
     def __call__(self, features: torch.Tensor, context: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def rank_share(self, local: torch.Tensor, everyone: torch.Tensor, context: Any, rows: GlobalRows) -> torch.Tensor:
+        """This process's share of the loss of the global batch: the shares of all processes sum to it, and so do
+        their gradients (``everyone`` is the gathered global batch, whose backward sums the processes' gradients).
+
+        The default, exact for any criterion, is the whole loss on every process divided by their number; a
+        criterion that is a mean of per-row terms overrides it with the sum of its own rows' terms (cheaper).
+        """
+        return self(everyone, context) / rows.world_size
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
@@ -66,6 +99,10 @@ class Entropy(Criterion):
     def __call__(self, features: torch.Tensor, context: Any = None) -> torch.Tensor:
         log_p = F.log_softmax(similarity_logits(features, self.temp_inv), dim=1)
         return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+    def rank_share(self, local: torch.Tensor, everyone: torch.Tensor, context: Any, rows: GlobalRows) -> torch.Tensor:
+        log_p = F.log_softmax(_row_similarity_logits(local, everyone, self.temp_inv), dim=1)
+        return -(log_p.exp() * log_p).sum() / rows.total
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "temp_inv": self.temp_inv}
@@ -91,6 +128,11 @@ class KLToDense(Criterion):
         log_q = F.log_softmax(similarity_logits(features, self.temp_inv), dim=1)
         return (context.exp() * (context - log_q)).sum(dim=1).mean()
 
+    def rank_share(self, local: torch.Tensor, everyone: torch.Tensor, context: Any, rows: GlobalRows) -> torch.Tensor:
+        log_q = F.log_softmax(_row_similarity_logits(local, everyone, self.temp_inv), dim=1)
+        log_p = context[rows.rows]
+        return (log_p.exp() * (log_p - log_q)).sum() / rows.total
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "temp_inv": self.temp_inv}
 
@@ -111,10 +153,15 @@ class ClassCrossEntropy(Criterion):
             raise ValueError("cross_entropy with a classifier needs integer class labels for every image")
         return labels.to(dense_features.device)
 
-    def __call__(self, features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _logits(self, features: torch.Tensor) -> torch.Tensor:
         classifier = self.classifier.to(features.device)
-        logits = self.logit_scale * F.normalize(features.float(), dim=-1) @ classifier.T
-        return F.cross_entropy(logits, context)
+        return self.logit_scale * F.normalize(features.float(), dim=-1) @ classifier.T
+
+    def __call__(self, features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self._logits(features), context)
+
+    def rank_share(self, local: torch.Tensor, everyone: torch.Tensor, context: Any, rows: GlobalRows) -> torch.Tensor:
+        return F.cross_entropy(self._logits(local), context[rows.rows], reduction="sum") / rows.total
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -147,16 +194,37 @@ class ContrastiveCrossEntropy(Criterion):
         labels = torch.arange(len(logits), device=logits.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
+    def rank_share(self, local: torch.Tensor, everyone: torch.Tensor, context: Any, rows: GlobalRows) -> torch.Tensor:
+        # a mean over image rows plus a mean over caption rows: this process's images against all captions, and
+        # its captions against all images (every process encoded all the global batch's captions: cheap, no grad)
+        labels = torch.arange(rows.offset, rows.offset + rows.count, device=local.device)
+        images = F.normalize(everyone.float(), dim=-1)
+        i2t = self.logit_scale * F.normalize(local.float(), dim=-1) @ context.T
+        t2i = self.logit_scale * context[rows.rows] @ images.T
+        both = F.cross_entropy(i2t, labels, reduction="sum") + F.cross_entropy(t2i, labels, reduction="sum")
+        return 0.5 * both / rows.total
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "mode": "contrastive", "logit_scale": self.logit_scale}
 
 
 CRITERIA = ("entropy", "cross_entropy", "kl_to_dense")
 
+# (backbone, class names, device) -> zero-shot head (embed_dim, num_classes): amp.evaluation.zero_shot_classifier
+ZeroShotHead = Callable[..., torch.Tensor]
 
-def build_criterion(name: str, backbone=None, temp_inv: float = 15.0, dataset=None, device: str = "cpu") -> Criterion:
+
+def build_criterion(
+    name: str,
+    backbone=None,
+    temp_inv: float = 15.0,
+    dataset=None,
+    device: str = "cpu",
+    zero_shot_head: ZeroShotHead | None = None,
+) -> Criterion:
     """A criterion by name. ``cross_entropy`` picks its form from the data set: class labels use a
-    zero-shot text classifier (CLIP) or the dense model's class prototypes (others); captions use
+    zero-shot text classifier (CLIP; ``zero_shot_head(backbone, classnames, device=...)``, such as
+    :func:`amp.evaluation.zero_shot_classifier`) or the dense model's class prototypes (others); captions use
     the contrastive form."""
     if name == "entropy":
         return Entropy(temp_inv)
@@ -166,7 +234,7 @@ def build_criterion(name: str, backbone=None, temp_inv: float = 15.0, dataset=No
         raise ValueError(f"unknown criterion {name!r}; choose from {CRITERIA}")
     if backbone is None or dataset is None:
         raise ValueError("cross_entropy needs the model and a labelled or captioned data set")
-    logit_scale = float(backbone.model.logit_scale.exp()) if hasattr(backbone.model, "logit_scale") else 100.0
+    logit_scale = float(backbone.model.logit_scale.detach().exp()) if hasattr(backbone.model, "logit_scale") else 100.0
     if getattr(dataset, "captions", None) is not None and backbone.is_clip:
         tokenizer, model = backbone.tokenizer, backbone.model
         return ContrastiveCrossEntropy(lambda texts: model.encode_text(tokenizer(texts).to(device)), logit_scale)
@@ -174,18 +242,15 @@ def build_criterion(name: str, backbone=None, temp_inv: float = 15.0, dataset=No
     if classes is None:
         raise ValueError("cross_entropy needs class labels (a data set with .classes) or captions with a CLIP model")
     if backbone.is_clip:
-        from amp.evaluation import zero_shot_classifier
-
-        classifier = zero_shot_classifier(backbone, list(classes), device=device)
-        classifier = classifier.T if classifier.shape[0] != len(classes) else classifier
-        return ClassCrossEntropy(classifier, logit_scale, project=True)
+        if zero_shot_head is None:
+            raise ValueError("cross_entropy on class labels with a CLIP model needs zero_shot_head")
+        head = zero_shot_head(backbone, list(classes), device=device)  # (embed_dim, num_classes), as documented
+        return ClassCrossEntropy(head.T, logit_scale, project=True)
     return ClassCrossEntropy(class_prototypes(backbone, dataset, len(classes), device), 1 / 0.07, project=False)
 
 
 def class_prototypes(backbone, dataset, num_classes: int, device: str = "cpu", max_images: int = 2048) -> torch.Tensor:
     """Mean normalised dense embedding per class: a classifier for models without a text tower."""
-    from amp.data import make_loader
-
     sums = None
     counts = torch.zeros(num_classes)
     seen = 0

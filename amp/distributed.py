@@ -10,14 +10,13 @@ rows, so that
     Σ_r loss_r = criterion(global batch)      and      ∂(Σ_r loss_r)/∂f_r = ∂criterion(global batch)/∂f_r,
 
 the gradient reaching every image exactly once. Per-unit score sums and image counts are then summed over
-ranks (:func:`all_reduce_sum`); :func:`distributed_taylor_scores` does all of it around an unchanged
-:func:`amp.scoring.taylor_scores`. Without ``torchrun`` (no process group) everything here is the identity.
+ranks (:func:`all_reduce_sum`; :func:`amp.scoring.taylor_scores` does so under torchrun). Without ``torchrun``
+(no process group) everything here is the identity.
 
-Row restriction (each rank computes the criterion's terms of its own rows against all columns) is exact
-for the criteria of :mod:`amp.criteria`, which are means of per-row terms (``Entropy``, ``KLToDense``,
-``ClassCrossEntropy``; ``ContrastiveCrossEntropy`` is a mean over image rows plus a mean over text rows).
-Any other criterion is computed whole on every rank and scaled by 1/world_size: the gather's backward sums
-the ranks' identical gradients, which is again exact (at world_size times the, small, criterion cost).
+What loss_r is belongs to the criterion (:meth:`amp.criteria.Criterion.rank_share`): the built-in criteria,
+means of per-row terms, sum the terms of this rank's rows against all columns; any other criterion is computed
+whole on every rank and scaled by 1/world_size (the gather's backward sums the ranks' identical gradients, which
+is again exact, at world_size times the, small, criterion cost). This module is only the generic machinery.
 """
 
 from __future__ import annotations
@@ -29,23 +28,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from amp.criteria import (
-    ClassCrossEntropy,
-    ContrastiveCrossEntropy,
-    Criterion,
-    Entropy,
-    KLToDense,
-)
+from amp.criteria import Criterion, GlobalRows
+from amp.data import collate
 
 __all__ = [
     "GlobalCriterion",
     "ShardedBatchSampler",
     "all_reduce_sum",
     "check_same_length",
-    "distributed_taylor_scores",
     "gather_objects",
     "gather_with_grad",
     "global_loss",
@@ -176,16 +168,12 @@ def _gather_targets(targets: Any) -> Any:
 
 
 class GlobalContext:
-    """What a rank needs to evaluate its rows of the global loss: the inner criterion's context for the
+    """What a rank needs to evaluate its share of the global loss: the inner criterion's context for the
     global batch, and where this rank's rows sit in it."""
 
     def __init__(self, inner: Any, sizes: list[int], rank: int):
         self.inner, self.sizes = inner, sizes
-        self.offset, self.count, self.total = sum(sizes[:rank]), sizes[rank], sum(sizes)
-
-    @property
-    def rows(self) -> slice:
-        return slice(self.offset, self.offset + self.count)
+        self.rows = GlobalRows(offset=sum(sizes[:rank]), count=sizes[rank], total=sum(sizes), world_size=len(sizes))
 
 
 def global_context(criterion: Criterion, targets: Any, dense_features: torch.Tensor) -> GlobalContext:
@@ -195,35 +183,6 @@ def global_context(criterion: Criterion, targets: Any, dense_features: torch.Ten
         gathered = _gather_rows(dense_features, sizes) if world_size() > 1 else dense_features
         inner = criterion.context(_gather_targets(targets), gathered)
     return GlobalContext(inner, sizes, rank())
-
-
-def _row_terms_sum(criterion: Criterion, local: torch.Tensor, everyone: torch.Tensor, ctx: GlobalContext):
-    """Σ over this rank's rows of the criterion's per-row terms, times the criterion's normaliser; None if the
-    criterion is not one whose row decomposition is known."""
-    n = ctx.total
-    if type(criterion) is Entropy:
-        f = F.normalize(local.float(), dim=-1)
-        g = F.normalize(everyone.float(), dim=-1)
-        log_p = F.log_softmax(criterion.temp_inv * f @ g.T, dim=1)
-        return -(log_p.exp() * log_p).sum() / n
-    if type(criterion) is KLToDense:
-        f = F.normalize(local.float(), dim=-1)
-        g = F.normalize(everyone.float(), dim=-1)
-        log_q = F.log_softmax(criterion.temp_inv * f @ g.T, dim=1)
-        log_p = ctx.inner[ctx.rows]
-        return (log_p.exp() * (log_p - log_q)).sum() / n
-    if type(criterion) is ClassCrossEntropy:
-        classifier = criterion.classifier.to(local.device)
-        logits = criterion.logit_scale * F.normalize(local.float(), dim=-1) @ classifier.T
-        return F.cross_entropy(logits, ctx.inner[ctx.rows], reduction="sum") / n
-    if type(criterion) is ContrastiveCrossEntropy:
-        text = ctx.inner  # [n, D], normalised: every rank encoded all the global batch's captions (cheap, no grad)
-        labels = torch.arange(ctx.offset, ctx.offset + ctx.count, device=local.device)
-        images = F.normalize(everyone.float(), dim=-1)
-        i2t = criterion.logit_scale * F.normalize(local.float(), dim=-1) @ text.T  # local image rows
-        t2i = criterion.logit_scale * text[ctx.rows] @ images.T  # local caption rows, against all images
-        return 0.5 * (F.cross_entropy(i2t, labels, reduction="sum") + F.cross_entropy(t2i, labels, reduction="sum")) / n
-    return None
 
 
 def global_loss(criterion: Criterion, local_features: torch.Tensor, context: GlobalContext) -> torch.Tensor:
@@ -236,13 +195,10 @@ def global_loss(criterion: Criterion, local_features: torch.Tensor, context: Glo
     """
     if world_size() == 1:
         return criterion(local_features, context.inner)
-    if len(local_features) != context.count:
-        raise ValueError(f"{len(local_features)} features for a context of {context.count} rows")
+    if len(local_features) != context.rows.count:
+        raise ValueError(f"{len(local_features)} features for a context of {context.rows.count} rows")
     everyone = _GatherWithGrad.apply(local_features, context.sizes)
-    share = _row_terms_sum(criterion, local_features, everyone, context)
-    if share is None:  # unknown structure: the whole loss on every rank, gradients summed by the gather
-        whole = criterion(everyone, context.inner)
-        share = whole / world_size()
+    share = criterion.rank_share(local_features, everyone, context.inner, context.rows)
     total = all_reduce_sum(share.detach())
     return share + (total - share.detach())
 
@@ -288,34 +244,6 @@ def check_same_length(loader: Iterable) -> None:
         )
 
 
-def distributed_taylor_scores(backbone, loader: Iterable, criterion: Criterion, **kwargs):
-    """:func:`amp.scoring.taylor_scores` of the global batches, the same on every rank.
-
-    ``loader`` is this rank's :func:`sharded` loader. The criterion is evaluated on the gathered global
-    features (:class:`GlobalCriterion`), and the per-unit sums and image counts are summed over ranks, so
-    the result equals single-process scoring of the same global batches (up to float summation order).
-    ``max_images`` is not supported (it would count local images): limit the data set instead.
-    """
-    from amp.scoring import Scores, taylor_scores
-
-    if kwargs.get("max_images") is not None:
-        raise ValueError("max_images counts local images; pass a torch.utils.data.Subset to sharded() instead")
-    if world_size() == 1:
-        return taylor_scores(backbone, loader, criterion, **kwargs)
-    check_same_length(loader)
-    kwargs.setdefault("progress", rank() == 0)
-    local = taylor_scores(backbone, loader, GlobalCriterion(criterion), **kwargs)
-    if "world_size" in local.meta:  # taylor_scores already reduces over ranks (the integrated version)
-        return local
-    images = all_reduce_sum(torch.tensor(float(local.meta["images"]), dtype=torch.float64))
-    values = []
-    for v in local.values:  # local mean × local count = local sum; summed over ranks; over the global count
-        total = all_reduce_sum(v.double() * local.meta["images"])
-        values.append((total / images).float())
-    meta = {**local.meta, "images": int(images), "world_size": world_size()}
-    return Scores(values, meta)
-
-
 # --- data ---------------------------------------------------------------------------------------
 
 
@@ -327,7 +255,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
     into ``world_size`` contiguous slices in rank order (``torch.tensor_split``: sizes differ by at most one),
     so gathering the slices in rank order gives back the global batch. No sample is repeated and none is
     padded in. The last, incomplete global batch is split the same way (unevenly) unless ``drop_last``;
-    when it has fewer images than ranks, some ranks get no slice of it, and :func:`distributed_taylor_scores`
+    when it has fewer images than ranks, some ranks get no slice of it, and :func:`check_same_length`
     refuses such a loader (every rank must take part in every batch's collectives).
     """
 
@@ -407,7 +335,5 @@ def sharded(
     """A loader giving this rank its slice of each *global* batch of ``batch_size`` (see
     :class:`ShardedBatchSampler`): never a duplicated or padded sample, and the same global batches
     for any number of processes. ``rank``/``world_size`` default to the process group's."""
-    from amp.data import collate
-
     sampler = ShardedBatchSampler(len(dataset), batch_size, seed, shuffle, drop_last, rank, world_size)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate)

@@ -1,8 +1,13 @@
 """Evaluation of (pruned) backbones: zero-shot classification, retrieval, kNN, embedding fidelity, throughput.
 
-Thin functions over :class:`amp.models.Backbone`. The metrics themselves come from ``clip_benchmark``
-(``zero_shot_classifier``, ``recall_at_k``, ``batchify``, ``dataloader_with_indices``, its templates and
-class names; its ``accuracy`` fails under recent numpy (2.4 here), see :func:`_accuracy`); images always go through
+One place per metric: each is computed per item here (a test image correct or not, a query hit or not, an image's
+cosine to the dense model) and averaged; :class:`EvalSuite` holds the evaluation data once and measures any model
+into one :class:`EvalRow` that keeps those per-item outcomes, so :mod:`amp.stats` can put intervals on them and
+compare two rows item by item.
+
+The functions work on any :class:`amp.models.Backbone`; the metrics come from ``clip_benchmark``
+(``zero_shot_classifier``, ``recall_at_k``, ``batchify``, ``dataloader_with_indices``, its templates and class names;
+its ``accuracy`` fails under recent numpy (2.4 here), see :func:`_topk_hits`); images always go through
 ``backbone.embed(images, project=True)`` so any adapter works, and text (CLIP models only) through
 ``backbone.model.encode_text`` with ``backbone.tokenizer`` (pruning never touches the text tower).
 
@@ -13,10 +18,13 @@ their train/eval flag afterwards; embeddings and metrics come back on the CPU.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -24,9 +32,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
+from amp import stats
+from amp.accounting import model_stats
+from amp.data import load_dataset, make_loader
 from amp.models import Backbone
+from amp.zoo.fashion import FASHION_TEMPLATES
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {c}.",
@@ -103,21 +116,20 @@ def _labels(targets: Any, what: str) -> torch.Tensor:
     return targets.long()
 
 
-def _accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int]) -> list[float]:
-    """Top-k accuracies. clip_benchmark's ``accuracy`` computes the same but fails under recent numpy (2.4)
-    (``float()`` of a 1-element array), so this is its three lines without the numpy round trip."""
-    pred = scores.topk(max(topk), dim=1).indices
-    correct = pred == labels.view(-1, 1)
-    return [correct[:, :k].any(dim=1).float().mean().item() for k in topk]
+def _topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per item: is the label among the top 1 (``top1``) and top 5 (``top5``, only with 5 classes or more) scores.
+
+    clip_benchmark's ``accuracy`` computes the same means but fails under recent numpy (2.4) (``float()`` of a
+    1-element array), so this is its three lines without the numpy round trip, kept per item.
+    """
+    topk = (1, 5) if scores.shape[1] >= 5 else (1,)
+    correct = scores.topk(max(topk), dim=1).indices == labels.view(-1, 1)
+    return {f"top{k}": correct[:, :k].any(dim=1) for k in topk}
 
 
-def _topk_metrics(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """top-1 and top-5 accuracy (top-5 is NaN with fewer than 5 classes, as in clip_benchmark)."""
-    if scores.shape[1] >= 5:
-        top1, top5 = _accuracy(scores, labels, (1, 5))
-    else:
-        (top1,), top5 = _accuracy(scores, labels, (1,)), math.nan
-    return top1, top5
+def _mean(hits: torch.Tensor | None) -> float:
+    """The metric of per-item outcomes: their mean (NaN when undefined, e.g. top-5 of fewer than 5 classes)."""
+    return math.nan if hits is None else hits.float().mean().item()
 
 
 # --- embeddings ---------------------------------------------------------------------------------
@@ -167,6 +179,39 @@ def zero_shot_classifier(
     return classifier.float().to(device)
 
 
+def zero_shot_prompts(spec: str, dataset) -> tuple[list[str], list[str]]:
+    """Class names and prompt templates for zero-shot classification on ``dataset`` (named ``spec``).
+
+    Fashion-MNIST uses the templates the tiny CLIP was trained with; ImageNet-style folders of 1000 classes named by
+    WordNet id (``n01440764``) or by index (``0``..``999``, ImageNetV2) get the OpenAI class names, and every other
+    data set its own class names with the 80 OpenAI ImageNet templates (the paper's protocol).
+    """
+    classes = list(getattr(dataset, "classes", None) or [])
+    if not classes:
+        raise ValueError(f"{spec}: zero-shot classification needs a labelled data set with class names")
+    templates = getattr(dataset, "templates", None)
+    if templates is None and spec.split(":")[0] in ("fashion-mnist", "fmnist-captions"):
+        templates = FASHION_TEMPLATES
+    if len(classes) == 1000 and all(re.fullmatch(r"n\d{8}", c) for c in classes):
+        classes = dataset_classnames("imagenet1k")  # sorted WordNet ids are the standard class order
+    elif len(classes) == 1000 and sorted(classes, key=int) == [str(i) for i in range(1000)]:
+        names = dataset_classnames("imagenet1k")
+        classes = [names[int(c)] for c in classes]
+    return [c.replace("_", " ") for c in classes], list(templates or imagenet_templates())
+
+
+def zero_shot_hits(features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per test image: top-1/top-5 hits of the zero-shot head on normalised embeddings, and the predicted class."""
+    if classifier.shape[0] != features.shape[1]:
+        raise ValueError(
+            f"classifier expects {classifier.shape[0]}-d embeddings but the model gives {features.shape[1]}-d ones"
+        )
+    if int(labels.max()) >= classifier.shape[1]:
+        raise ValueError(f"target {int(labels.max())} is out of range for {classifier.shape[1]} classes")
+    logits = 100.0 * features @ classifier.float().cpu()
+    return {**_topk_hits(logits, labels), "predicted": logits.argmax(dim=1)}
+
+
 def zero_shot_classification(
     backbone: Backbone,
     loader: Iterable,
@@ -184,16 +229,14 @@ def zero_shot_classification(
         raise ValueError(f"classifier has {classifier.shape[1]} classes but {len(classnames)} class names were given")
     features, targets = embed_dataset(backbone, loader, project=True, device=device)
     labels = _labels(targets, "zero-shot classification")
-    if classifier.shape[0] != features.shape[1]:
-        raise ValueError(
-            f"classifier expects {classifier.shape[0]}-d embeddings but the model gives {features.shape[1]}-d ones"
-        )
-    if int(labels.max()) >= len(classnames):
-        raise ValueError(f"target {int(labels.max())} is out of range for {len(classnames)} classes")
-    logits = 100.0 * features @ classifier.float().cpu()
-    top1, top5 = _topk_metrics(logits, labels)
-    recall = balanced_accuracy_score(labels.numpy(), logits.argmax(dim=1).numpy())
-    return {"top1": top1, "top5": top5, "mean_per_class_recall": float(recall), "count": len(labels)}
+    hits = zero_shot_hits(features, labels, classifier)
+    recall = balanced_accuracy_score(labels.numpy(), hits["predicted"].numpy())
+    return {
+        "top1": _mean(hits["top1"]),
+        "top5": _mean(hits.get("top5")),
+        "mean_per_class_recall": float(recall),
+        "count": len(labels),
+    }
 
 
 # --- retrieval -----------------------------------------------------------------------------------
@@ -208,13 +251,13 @@ def _caption_list(caption: Any) -> list[str]:
     return captions
 
 
-def retrieval(
+def retrieval_hits(
     backbone: Backbone,
     loader: Iterable,
     device: str | torch.device = "cpu",
     recall_k: Sequence[int] = (1, 5, 10),
-) -> dict[str, float]:
-    """Image→text (``i2t_R@k``) and text→image (``t2i_R@k``) recall: a hit if any positive is in the top k."""
+) -> dict[str, torch.Tensor]:
+    """Per query: ``t2i_R@k`` (one per caption) and ``i2t_R@k`` (one per image) hits, any positive in the top k."""
     from clip_benchmark.metrics.zeroshot_retrieval import batchify, dataloader_with_indices, recall_at_k
 
     _require_clip(backbone, "retrieval")
@@ -231,35 +274,50 @@ def retrieval(
             text_image += [int(i) for i, texts in zip(indices, lists) for _ in texts]
     if not image_features:
         raise ValueError("the loader yielded no batches")
-    images_emb, texts_emb = torch.cat(image_features), torch.cat(text_features)
-    scores = texts_emb @ images_emb.T  # (texts, images)
+    scores = torch.cat(text_features) @ torch.cat(image_features).T  # (texts, images)
     positive = torch.zeros_like(scores, dtype=torch.bool)
     positive[torch.arange(len(scores)), text_image] = True
-    metrics: dict[str, float] = {}
+    hits: dict[str, torch.Tensor] = {}
     for k in recall_k:
         for name, s, p in (("t2i", scores, positive), ("i2t", scores.T, positive.T)):
             kk = min(int(k), s.shape[1])
             chunk = max(1, 2**24 // (kk * s.shape[1]))  # bounds recall_at_k's (rows, k, columns) one-hot
-            hits = batchify(recall_at_k, s, p, chunk, "cpu", k=kk) > 0
-            metrics[f"{name}_R@{k}"] = hits.float().mean().item()
-    metrics["images"], metrics["texts"] = len(images_emb), len(texts_emb)
-    return metrics
+            hits[f"{name}_R@{k}"] = batchify(recall_at_k, s, p, chunk, "cpu", k=kk) > 0
+    return hits
+
+
+def _retrieval_metrics(hits: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Recall at k from per-query hits, with the numbers of images (i2t queries) and texts (t2i queries)."""
+    sizes = {key.split("_")[0]: len(values) for key, values in hits.items()}
+    return {**{key: _mean(values) for key, values in hits.items()}, "images": sizes["i2t"], "texts": sizes["t2i"]}
+
+
+def retrieval(
+    backbone: Backbone,
+    loader: Iterable,
+    device: str | torch.device = "cpu",
+    recall_k: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Image→text (``i2t_R@k``) and text→image (``t2i_R@k``) recall: a hit if any positive is in the top k."""
+    return _retrieval_metrics(retrieval_hits(backbone, loader, device, recall_k))
 
 
 # --- kNN -----------------------------------------------------------------------------------------
 
+KNN_K, KNN_TEMPERATURE = 20, 0.07  # neighbours and vote temperature of the DINOv2 k-NN protocol
 
-def knn_classification(
+
+def knn_hits(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     num_classes: int | None = None,
     chunk: int = 1024,
-) -> dict[str, float]:
-    """Weighted kNN (DINOv2 protocol): cosine top-k neighbours vote with weights ``exp(sim / T)``."""
+) -> dict[str, torch.Tensor]:
+    """Per test item: top-1/top-5 hits of the weighted kNN vote (DINOv2 protocol, weights ``exp(sim / T)``)."""
     train = F.normalize(train_features.float(), dim=-1)
     test = F.normalize(test_features.float(), dim=-1)
     train_labels, test_labels = train_labels.long().to(train.device), test_labels.long().cpu()
@@ -279,23 +337,40 @@ def knn_classification(
             weights = torch.softmax(sims / temperature, dim=1)  # exp(sim/T), normalised: same vote ranking
             score = torch.zeros(len(sims), num_classes, device=train.device)
             votes.append(score.scatter_add_(1, train_labels[neighbours], weights).cpu())
-    top1, top5 = _topk_metrics(torch.cat(votes), test_labels)
-    return {"top1": top1, "top5": top5, "k": k, "temperature": temperature}
+    return _topk_hits(torch.cat(votes), test_labels)
+
+
+def knn_classification(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    **options: Any,
+) -> dict[str, float]:
+    """Weighted kNN ``top1``/``top5`` (DINOv2 protocol), with the ``k`` used; ``options`` as in :func:`knn_hits`."""
+    hits = knn_hits(train_features, train_labels, test_features, test_labels, **options)
+    k = min(options.get("k", KNN_K), len(train_features))
+    temperature = options.get("temperature", KNN_TEMPERATURE)
+    return {"top1": _mean(hits["top1"]), "top5": _mean(hits.get("top5")), "k": k, "temperature": temperature}
+
+
+def _num_classes(data: Any) -> int | None:
+    classes = getattr(getattr(data, "dataset", data), "classes", None)
+    return len(classes) if classes else None
 
 
 def knn_eval(
     backbone: Backbone,
     train_loader: Iterable,
     test_loader: Iterable,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     project: bool = True,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """kNN accuracy of ``backbone``'s embeddings: neighbours from ``train_loader``, queries from ``test_loader``."""
     train_features, train_targets = embed_dataset(backbone, train_loader, project=project, device=device)
     test_features, test_targets = embed_dataset(backbone, test_loader, project=project, device=device)
-    classes = getattr(getattr(train_loader, "dataset", None), "classes", None)
     return knn_classification(
         train_features,
         _labels(train_targets, "kNN"),
@@ -303,11 +378,18 @@ def knn_eval(
         _labels(test_targets, "kNN"),
         k=k,
         temperature=temperature,
-        num_classes=len(classes) if classes else None,
+        num_classes=_num_classes(train_loader),
     )
 
 
 # --- dense vs pruned -----------------------------------------------------------------------------
+
+
+def cosines(reference: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Per item: cosine between two models' normalised embeddings of the same images."""
+    if reference.shape != features.shape:
+        raise ValueError(f"dense embeddings are {tuple(reference.shape)}, pruned ones {tuple(features.shape)}")
+    return (reference * features).sum(dim=-1)
 
 
 def embedding_fidelity(
@@ -319,17 +401,14 @@ def embedding_fidelity(
 ) -> dict[str, float]:
     """Cosine similarity between dense and pruned embeddings of the same images (mean and min)."""
     device = torch.device(device)
-    cosines = []
+    per_batch = []
     with _evaluating(device, dense.model, pruned.model):
         for images, _ in tqdm(loader, desc="fidelity"):
             a = _image_embedding(dense, images, device, project)
-            b = _image_embedding(pruned, images, device, project)
-            if a.shape != b.shape:
-                raise ValueError(f"dense embeddings are {tuple(a.shape)}, pruned ones {tuple(b.shape)}")
-            cosines.append((a * b).sum(dim=-1).cpu())
-    if not cosines:
+            per_batch.append(cosines(a, _image_embedding(pruned, images, device, project)).cpu())
+    if not per_batch:
         raise ValueError("the loader yielded no batches")
-    cos = torch.cat(cosines)
+    cos = torch.cat(per_batch)
     return {"mean_cosine": cos.mean().item(), "min_cosine": cos.min().item(), "count": len(cos)}
 
 
@@ -413,28 +492,319 @@ def compare_throughput(
     return result
 
 
-def model_stats(backbone: Backbone) -> dict[str, Any] | None:
-    """Parameter and FLOP counts from :mod:`amp.accounting` when that module is available, else None."""
-    try:
-        from amp.accounting import model_stats as stats
-    except ImportError:
-        return None
-    result = stats(backbone)
-    return result.to_dict() if hasattr(result, "to_dict") else dict(result)
+# --- one evaluation suite --------------------------------------------------------------------------------------
+
+DataSource = str | Dataset  # an amp data-set name (loaded with each model's own transform) or a Dataset as is
 
 
-def compare_models(
-    dense: Backbone,
-    pruned: Backbone,
-    loader: Iterable | None = None,
-    device: str | torch.device = "cpu",
+def named_sets(data: DataSource | Mapping[str, DataSource] | None) -> dict[str, DataSource]:
+    """A data-set argument as ``{display name: source}``; a single data-set name is named after itself."""
+    if data is None or (isinstance(data, str) and not data):
+        return {}
+    if isinstance(data, Mapping):
+        return {str(name): source for name, source in data.items() if source is not None and source != ""}
+    return {data if isinstance(data, str) else type(data).__name__: data}
+
+
+def first_items(dataset: Dataset, max_images: int | None) -> Dataset:
+    """The first ``max_images`` items (all when None), keeping the metadata that ``Subset`` would hide."""
+    if max_images is None or max_images >= len(dataset):
+        return dataset
+    subset = Subset(dataset, range(max_images))
+    for attribute in ("classes", "captions", "templates"):
+        if hasattr(dataset, attribute):
+            setattr(subset, attribute, getattr(dataset, attribute))
+    return subset
+
+
+def text_tower_key(backbone: Backbone) -> str:
+    """A fingerprint of the weights outside the vision tower: equal for every pruned variant of one CLIP.
+
+    Pruning, compensation and distillation change only the image tower, so all variants of a model share one
+    zero-shot head per class set; a model with other text weights gets its own.
+    """
+    vision = {id(p) for p in backbone.vision.parameters()}
+    digest = hashlib.sha1(type(backbone.model).__name__.encode())
+    for name, p in backbone.model.named_parameters():
+        if id(p) not in vision:
+            values = p.detach().double()
+            digest.update(
+                f"{name}{tuple(p.shape)}{values.sum().item():.17g}{values.square().sum().item():.17g}".encode()
+            )
+    return digest.hexdigest()
+
+
+@dataclass
+class EvalRow:
+    """One model measured by an :class:`EvalSuite`: metrics by key, and the per-item outcomes behind them.
+
+    A key is the metric's name (``zero_shot_top1``, ``i2t_R@5``, ``knn_top1``, ``fidelity_cosine``, ``params_M``)
+    or, when the suite has several data sets of that kind, ``"<data set>/<metric>"``. ``outcomes`` holds one value
+    per item for every averaged metric: bool hits for a proportion, floats for a mean.
+    """
+
+    name: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    outcomes: dict[str, torch.Tensor] = field(default_factory=dict)
+    datasets: dict[str, str] = field(default_factory=dict)  # key -> the data set it was measured on
+
+    def add(self, metric: str, outcomes: torch.Tensor, dataset: str | None = None, qualify: bool = False) -> None:
+        """Record per-item ``outcomes`` of ``metric`` and their mean."""
+        key = f"{dataset}/{metric}" if qualify else metric
+        self.metrics[key], self.outcomes[key] = _mean(outcomes), outcomes.cpu()
+        if dataset is not None:
+            self.datasets[key] = dataset
+
+    def key(self, metric: str, dataset: str | None = None) -> str:
+        """The key of ``metric`` (on ``dataset``, needed only when the row has it for several data sets)."""
+        if metric in self.metrics and dataset in (None, self.datasets.get(metric)):
+            return metric
+        matches = [k for k in self.metrics if k.endswith(f"/{metric}") and dataset in (None, self.datasets.get(k))]
+        if len(matches) != 1:
+            where = "" if dataset is None else f" on {dataset!r}"
+            raise KeyError(f"{self.name}: {len(matches) or 'no'} metrics {metric!r}{where}; keys: {list(self.metrics)}")
+        return matches[0]
+
+    def __getitem__(self, metric: str) -> float:
+        return self.metrics[self.key(metric)]
+
+    def value(self, metric: str, dataset: str | None = None) -> float:
+        return self.metrics[self.key(metric, dataset)]
+
+    def outcome(self, metric: str, dataset: str | None = None) -> torch.Tensor:
+        """Per-item outcomes of ``metric``, in the suite's item order (the same for every row of one suite)."""
+        key = self.key(metric, dataset)
+        if key not in self.outcomes:
+            raise KeyError(f"{self.name}: {key!r} is not an average over items, so it has no per-item outcomes")
+        return self.outcomes[key]
+
+    def interval(
+        self, metric: str, dataset: str | None = None, confidence: float = 0.95, method: str = "wilson"
+    ) -> tuple[float, float]:
+        """Interval of ``metric``: Wilson (or ``exact``) for proportions, percentile bootstrap for means."""
+        return stats.interval(self.outcome(metric, dataset), confidence, method)
+
+    def intervals(self, confidence: float = 0.95, method: str = "wilson") -> dict[str, tuple[float, float]]:
+        """Intervals of every metric that averages over items."""
+        return {key: stats.interval(values, confidence, method) for key, values in self.outcomes.items()}
+
+    def to_dict(self) -> dict[str, float]:
+        """The metrics as a flat, JSON-ready dict."""
+        return dict(self.metrics)
+
+
+class EvalSuite:
+    """The evaluation data of one dense model, held once, and any model measured on it into one :class:`EvalRow`.
+
+    ``classification`` (zero-shot, CLIP models) and ``retrieval`` (captioned, CLIP models) map display names to
+    data sets (a single one is named after itself); ``knn_train`` gives k-NN neighbours for the queries
+    ``knn_test`` (default: the first classification set) and ``fidelity`` the images for the cosine to ``dense``
+    (default: the first classification set). Data-set names are loaded with the measured model's own transform and
+    cached per transform, so pruned variants (which share the dense model's) reuse the loaded tensors; each set is
+    cut to its first ``max_images`` items (``knn_images`` for the neighbours). Zero-shot heads are cached per class
+    set and text tower (:func:`text_tower_key`), the dense model's embeddings for the cosine once.
+    """
+
+    def __init__(
+        self,
+        dense: Backbone | None = None,
+        classification: DataSource | Mapping[str, DataSource] | None = None,
+        retrieval: DataSource | Mapping[str, DataSource] | None = None,
+        knn_train: DataSource | None = None,
+        knn_test: DataSource | None = None,
+        fidelity: DataSource | None = None,
+        max_images: int | None = None,
+        knn_images: int | None = None,
+        batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        templates: Sequence[str] | None = None,
+        knn_k: int = KNN_K,
+        knn_temperature: float = KNN_TEMPERATURE,
+    ):
+        self.dense = dense
+        self.classification = named_sets(classification)
+        self.retrieval = named_sets(retrieval)
+        first = next(iter(self.classification.values()), None)
+        self.knn_train = knn_train or None
+        self.knn_test = (knn_test or first) if self.knn_train else None
+        if self.knn_train and self.knn_test is None:
+            raise ValueError("k-NN needs query images: give knn_test or a classification set")
+        self.fidelity = (fidelity or first) if dense is not None else None
+        self.max_images, self.knn_images = max_images, knn_images if knn_images is not None else max_images
+        self.batch_size, self.device = batch_size, torch.device(device)
+        self.templates = list(templates) if templates else None
+        self.knn_k, self.knn_temperature = knn_k, knn_temperature
+        self._loaded: dict[tuple, tuple[Dataset, list]] = {}
+        self._heads: dict[tuple[str, str], torch.Tensor] = {}
+        self._dense_features: dict[tuple, torch.Tensor] = {}
+
+    # --- data, heads and embeddings, each made once -------------------------------------------------------------
+
+    def _data(self, backbone: Backbone, source: DataSource, max_images: int | None) -> tuple[Dataset, list]:
+        """The data set and its batches in memory, for ``backbone``'s transform (loaded once per transform)."""
+        key = self._source_key(backbone, source, max_images)
+        if key not in self._loaded:
+            dataset = load_dataset(source, backbone.preprocess) if isinstance(source, str) else source
+            dataset = first_items(dataset, max_images)
+            batches = list(make_loader(dataset, self.batch_size, shuffle=False))
+            if not batches:
+                raise ValueError(f"{source}: the data set yielded no images")
+            self._loaded[key] = dataset, batches
+        return self._loaded[key]
+
+    @staticmethod
+    def _source_key(backbone: Backbone, source: DataSource, max_images: int | None) -> tuple:
+        if isinstance(source, str):  # the transform's repr names its steps and their settings
+            return source, max_images, repr(backbone.preprocess)
+        return id(source), max_images
+
+    def _head(self, backbone: Backbone, name: str, dataset: Dataset, head_key: str | None) -> torch.Tensor:
+        key = (name, head_key if head_key is not None else text_tower_key(backbone))
+        if key not in self._heads:
+            source = self.classification[name]
+            classnames, templates = zero_shot_prompts(source if isinstance(source, str) else name, dataset)
+            self._heads[key] = zero_shot_classifier(backbone, classnames, self.templates or templates, self.device)
+        return self._heads[key]
+
+    def _embed(self, backbone: Backbone, source: DataSource, max_images: int | None, project: bool, memo: dict):
+        """Normalised embeddings and targets of one set, once per model and measurement (``memo``)."""
+        key = (*self._source_key(backbone, source, max_images), project)
+        if key not in memo:
+            batches = self._data(backbone, source, max_images)[1]
+            memo[key] = embed_dataset(backbone, batches, project=project, device=self.device, progress=False)
+        return memo[key]
+
+    # --- the metrics, per item ----------------------------------------------------------------------------------
+
+    def zero_shot_hits(self, backbone: Backbone, head_key: str | None = None, memo: dict | None = None) -> dict:
+        """``{set: {"top1": hits, "top5": hits}}`` per classification set (CLIP models only)."""
+        memo = {} if memo is None else memo
+        results = {}
+        for name, source in self.classification.items():
+            dataset = self._data(backbone, source, self.max_images)[0]
+            features, targets = self._embed(backbone, source, self.max_images, True, memo)
+            head = self._head(backbone, name, dataset, head_key)
+            hits = zero_shot_hits(features, _labels(targets, "zero-shot classification"), head)
+            results[name] = {metric: hits[metric] for metric in ("top1", "top5") if metric in hits}
+        return results
+
+    def retrieval_hits(self, backbone: Backbone) -> dict[str, dict[str, torch.Tensor]]:
+        """``{set: {"i2t_R@k": hits, "t2i_R@k": hits}}`` per retrieval set (CLIP models only)."""
+        return {
+            name: retrieval_hits(backbone, self._data(backbone, source, self.max_images)[1], self.device)
+            for name, source in self.retrieval.items()
+        }
+
+    def knn_hits(self, backbone: Backbone, memo: dict | None = None) -> dict[str, torch.Tensor]:
+        """Top-1/top-5 hits of every k-NN query (projected embeddings for CLIP models, as ``quality`` did)."""
+        memo = {} if memo is None else memo
+        project = backbone.is_clip
+        train_features, train_targets = self._embed(backbone, self.knn_train, self.knn_images, project, memo)
+        test_features, test_targets = self._embed(backbone, self.knn_test, self.max_images, project, memo)
+        classes = _num_classes(self._data(backbone, self.knn_train, self.knn_images)[0])
+        return knn_hits(
+            train_features,
+            _labels(train_targets, "kNN"),
+            test_features,
+            _labels(test_targets, "kNN"),
+            self.knn_k,
+            self.knn_temperature,
+            classes,
+        )
+
+    def fidelity_cosines(self, backbone: Backbone, memo: dict | None = None) -> torch.Tensor:
+        """Per fidelity image: cosine between ``backbone``'s and the dense model's projected embeddings."""
+        memo = {} if memo is None else memo
+        key = self._source_key(self.dense, self.fidelity, self.max_images)
+        if key not in self._dense_features:
+            self._dense_features[key] = self._embed(self.dense, self.fidelity, self.max_images, True, {})[0]
+        return cosines(self._dense_features[key], self._embed(backbone, self.fidelity, self.max_images, True, memo)[0])
+
+    # --- one row ------------------------------------------------------------------------------------------------
+
+    def measure(
+        self,
+        backbone: Backbone,
+        name: str | None = None,
+        speed: Mapping[str, Any] | None = None,
+        head_key: str | None = None,
+    ) -> EvalRow:
+        """Every metric that applies to ``backbone`` and this suite's data, as one row.
+
+        ``speed``: options of :func:`compare_throughput` (``batch_size``, ``steps``, ``warmup``, ``rounds``,
+        ``dtype``; ``{}`` for its defaults) to measure images/s side by side with the dense model (alone when
+        ``backbone`` is the dense model); None skips it. ``head_key`` names the text tower explicitly.
+        """
+        row = EvalRow(name or backbone.spec)
+        size = model_stats(backbone)
+        row.metrics.update(params_M=size.params / 1e6, mlp_params_M=size.mlp_params / 1e6, gflops=size.flops / 1e9)
+        memo: dict = {}
+        if backbone.is_clip:
+            several = len(self.classification) > 1
+            for dataset, hits in self.zero_shot_hits(backbone, head_key, memo).items():
+                for metric, outcomes in hits.items():
+                    row.add(f"zero_shot_{metric}", outcomes, dataset, several)
+        if self.knn_train:
+            row.add("knn_top1", self.knn_hits(backbone, memo)["top1"], _display(self.knn_test))
+        if backbone.is_clip:
+            several = len(self.retrieval) > 1
+            for dataset, hits in self.retrieval_hits(backbone).items():
+                for metric, outcomes in hits.items():
+                    row.add(metric, outcomes, dataset, several)
+                sizes = {key.split("_")[0]: len(values) for key, values in hits.items()}
+                prefix = f"{dataset}/" if several else ""
+                row.metrics[f"{prefix}images"], row.metrics[f"{prefix}texts"] = sizes["i2t"], sizes["t2i"]
+        if self.fidelity is not None and backbone is not self.dense:
+            row.add("fidelity_cosine", self.fidelity_cosines(backbone, memo), _display(self.fidelity))
+        if speed is not None:
+            row.metrics.update(self.speed(backbone, speed))
+        return row
+
+    def speed(self, backbone: Backbone, options: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Images/s of ``backbone``: side by side with the dense model (and its speed-up), or alone."""
+        options = dict(options or {})
+        if self.dense is None or backbone is self.dense:
+            options.pop("rounds", None)
+            return {"images_per_s": throughput(backbone, device=self.device, **options)}
+        result = compare_throughput(self.dense, backbone, device=self.device, **options)
+        return {"images_per_s": result["pruned"], "dense_images_per_s": result["dense"], "speedup": result["speedup"]}
+
+    # --- the shapes reproduce.Benchmark gave ----------------------------------------------------------------------
+
+    def zero_shot(self, backbone: Backbone, *, head_key: str | None = None) -> dict[str, float]:
+        """Zero-shot top-1 (fraction) per classification set."""
+        return {name: _mean(hits["top1"]) for name, hits in self.zero_shot_hits(backbone, head_key).items()}
+
+    def recall(self, backbone: Backbone) -> dict[str, dict[str, float]]:
+        """Image→text and text→image R@1/5/10 (and the numbers of images and texts) per retrieval set."""
+        return {name: _retrieval_metrics(hits) for name, hits in self.retrieval_hits(backbone).items()}
+
+
+def _display(source: DataSource | None) -> str | None:
+    return source if isinstance(source, str) or source is None else type(source).__name__
+
+
+def evaluate(
+    backbone: Backbone,
+    classification: DataSource | None = None,
+    retrieval: DataSource | None = None,
+    knn_train: DataSource | None = None,
+    dense: Backbone | None = None,
     batch_size: int = 64,
-    steps: int = 10,
-    project: bool = True,
+    max_images: int | None = None,
+    device: str = "cpu",
+    throughput_batch: int = 64,
+    intervals: bool = False,
 ) -> dict[str, Any]:
-    """One report: accounting of both models (if available), fidelity on ``loader`` (if given), throughput."""
-    report: dict[str, Any] = {"dense": model_stats(dense), "pruned": model_stats(pruned)}
-    if loader is not None:
-        report["fidelity"] = embedding_fidelity(dense, pruned, loader, project=project, device=device)
-    report["throughput"] = compare_throughput(dense, pruned, batch_size=batch_size, steps=steps, device=device)
+    """Size, speed and quality of a model; with ``dense`` also its fidelity and speed-up against it.
+
+    One :class:`EvalSuite` row as a flat dict with the model's ``widths``; ``intervals`` adds the 95 % interval of
+    every metric that averages over items (``{"intervals": {key: [low, high]}}``).
+    """
+    suite = EvalSuite(dense, classification, retrieval, knn_train, max_images=max_images, batch_size=batch_size,
+                      device=device)  # fmt: skip
+    row = suite.measure(backbone, speed={"batch_size": throughput_batch})
+    report: dict[str, Any] = {**row.to_dict(), "widths": backbone.widths()}
+    if intervals:
+        report["intervals"] = {key: list(bounds) for key, bounds in row.intervals().items()}
     return report

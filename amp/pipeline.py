@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from amp import api
-from amp.data import load_dataset, make_loader
-from amp.evaluation import compare_throughput, embedding_fidelity, knn_eval, retrieval, zero_shot_classification
+from amp.evaluation import EvalRow, EvalSuite
 from amp.io import atomic_write, write_json
-
-
-@dataclass
-class EvalData:
-    """What to measure quality on; any of them may be None."""
-
-    classification: str | None = None  # labelled data set (zero-shot for CLIP models, else kNN with knn_train)
-    retrieval: str | None = None  # captioned data set (CLIP models)
-    knn_train: str | None = None  # neighbours for kNN classification
-    fidelity: str | None = None  # images for dense-vs-pruned embedding cosine (default: classification)
-    max_images: int | None = None
-    templates: list[str] | None = None
+from amp.stats import paired_difference
 
 
 @dataclass
@@ -50,11 +38,13 @@ class PipelineConfig:
     seed: int = 0
     device: str = "cpu"
     throughput_batch: int = 64
-    eval: EvalData = field(
-        default_factory=lambda: EvalData(
-            classification="fashion-mnist:test-subset", retrieval="fmnist-captions:test-subset"
-        )
-    )
+    # what quality is measured on (any may be None); see amp.evaluation.EvalSuite
+    classification: str | None = "fashion-mnist:test-subset"  # labelled: zero-shot (CLIP), k-NN queries
+    retrieval: str | None = "fmnist-captions:test-subset"  # captioned (CLIP models)
+    knn_train: str | None = None  # neighbours for k-NN classification
+    fidelity: str | None = None  # images for the dense-vs-pruned cosine (default: classification)
+    eval_images: int | None = None
+    templates: list[str] | None = None
 
 
 class _Timer:
@@ -72,40 +62,6 @@ class _Timer:
                 timer.stages[name] = timer.stages.get(name, 0.0) + time.perf_counter() - self.start
 
         return _Stage()
-
-
-def _loader(backbone, spec: str, batch_size: int, max_images: int | None):
-    dataset = load_dataset(spec, backbone.preprocess)
-    if max_images is not None and max_images < len(dataset):
-        dataset = torch.utils.data.Subset(dataset, range(max_images))
-        for attribute in ("classes", "captions", "templates"):  # Subset hides the data set's metadata
-            if hasattr(dataset.dataset, attribute):
-                setattr(dataset, attribute, getattr(dataset.dataset, attribute))
-    return make_loader(dataset, batch_size, shuffle=False)
-
-
-def quality(backbone, data: EvalData, batch_size: int = 64, device: str = "cpu", dense=None) -> dict[str, float]:
-    """The quality metrics that apply to this model and these data sets, as a flat dict."""
-    metrics: dict[str, float] = {}
-    if data.classification:
-        loader = _loader(backbone, data.classification, batch_size, data.max_images)
-        classes = getattr(loader.dataset, "classes", None)
-        if backbone.is_clip and classes:
-            templates = data.templates or getattr(loader.dataset, "templates", None)
-            zs = zero_shot_classification(backbone, loader, list(classes), templates, device=device)
-            metrics.update({"zero_shot_top1": zs["top1"], "zero_shot_top5": zs["top5"]})
-        if data.knn_train:
-            train = _loader(backbone, data.knn_train, batch_size, data.max_images)
-            knn = knn_eval(backbone, train, loader, device=device, project=backbone.is_clip)
-            metrics["knn_top1"] = knn["top1"]
-    if data.retrieval and backbone.is_clip:
-        loader = _loader(backbone, data.retrieval, batch_size, data.max_images)
-        metrics.update(retrieval(backbone, loader, device=device))
-    fidelity_data = data.fidelity or data.classification
-    if dense is not None and fidelity_data:
-        loader = _loader(backbone, fidelity_data, batch_size, data.max_images)
-        metrics["fidelity_cosine"] = embedding_fidelity(dense, backbone, loader, device=device)["mean_cosine"]
-    return metrics
 
 
 def run(config: PipelineConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -150,19 +106,25 @@ def run(config: PipelineConfig, out: str | Path, progress: bool = True) -> dict[
         write_json(out / "search.json", search)
     with timer("save"):
         api.save_pruned(pruned, out, search=search["config"], scores=scores.meta)
-    rows = {}
+    suite = EvalSuite(
+        dense,
+        config.classification,
+        config.retrieval,
+        config.knn_train,
+        fidelity=config.fidelity,
+        max_images=config.eval_images,
+        batch_size=config.batch_size,
+        device=config.device,
+        templates=config.templates,
+    )
+    rows: dict[str, EvalRow] = {}
     for name, backbone in (("dense", dense), ("pruned", pruned)):
         with timer(f"evaluate {name}"):
-            stats = api.model_stats(backbone)
-            rows[name] = {
-                "params_M": stats.params / 1e6,
-                "mlp_params_M": stats.mlp_params / 1e6,
-                "gflops": stats.flops / 1e9,
-                **quality(backbone, config.eval, config.batch_size, config.device, dense if name == "pruned" else None),
-            }
-    with timer("throughput"):
-        speed = compare_throughput(dense, pruned, batch_size=config.throughput_batch, device=config.device)
-    rows["dense"]["images_per_s"], rows["pruned"]["images_per_s"] = speed["dense"], speed["pruned"]
+            rows[name] = suite.measure(backbone, name)
+    with timer("throughput"):  # one side-by-side measurement for both rows (the CPU is noisy)
+        speed = suite.speed(pruned, {"batch_size": config.throughput_batch})
+    rows["dense"].metrics["images_per_s"] = speed["dense_images_per_s"]
+    rows["pruned"].metrics["images_per_s"] = speed["images_per_s"]
     report = {
         "model": config.model,
         "config": _plain(config),
@@ -170,7 +132,9 @@ def run(config: PipelineConfig, out: str | Path, progress: bool = True) -> dict[
         "dense_widths": search["dense_widths"],
         "kept_fraction": search["kept_fraction"],
         "loss": {"dense": search["dense_loss"], "pruned": search["final_loss"]},
-        "results": rows,
+        "results": {name: row.to_dict() for name, row in rows.items()},
+        "intervals": {name: {k: list(bounds) for k, bounds in row.intervals().items()} for name, row in rows.items()},
+        "comparisons": comparisons(rows["dense"], rows["pruned"]),
         "seconds": timer.stages,
     }
     write_json(out / "report.json", report)
@@ -179,9 +143,13 @@ def run(config: PipelineConfig, out: str | Path, progress: bool = True) -> dict[
 
 
 def _plain(config: PipelineConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
     return asdict(config)
+
+
+def comparisons(dense: EvalRow, pruned: EvalRow) -> list[dict[str, Any]]:
+    """Pruned minus dense for each reported metric measured item by item on both (paired, 95 % CI, p-value)."""
+    keys = [k for k in METRIC_NAMES if k in dense.outcomes and k in pruned.outcomes]
+    return [{**asdict(d), "verdict": d.verdict} for d in (paired_difference(dense, pruned, k) for k in keys)]
 
 
 METRIC_NAMES = {
@@ -197,8 +165,8 @@ METRIC_NAMES = {
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The report as a Markdown table (dense vs pruned) with widths and wall time per stage."""
-    rows = report["results"]
+    """The report as a Markdown table (dense vs pruned, 95 % intervals) with widths and wall time per stage."""
+    rows, intervals = report["results"], report.get("intervals", {})
     keys = [k for k in METRIC_NAMES if any(k in r for r in rows.values())]
     lines = [
         f"# AMP pruning report: {report['model']}",
@@ -207,7 +175,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|" + "---:|" * len(keys),
     ]
     for name, row in rows.items():
-        cells = [_fmt(k, row.get(k)) for k in keys]
+        cells = [_fmt(k, row.get(k), intervals.get(name, {}).get(k)) for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     cfg = report["config"]
     lines += [
@@ -219,17 +187,29 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Widths per layer: " + ", ".join(f"{w}/{d}" for w, d in zip(report["widths"], report["dense_widths"])),
         "",
+    ]
+    if report.get("comparisons"):
+        lines += [
+            "Brackets: 95 % intervals (Wilson for proportions, bootstrap over images for the cosine). Pruned vs dense "
+            "on the same items (paired bootstrap of the difference, exact McNemar p-value):",
+            "",
+            *(f"- {c['verdict']}" for c in report["comparisons"]),
+            "",
+        ]
+    lines += [
         "Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()),
         "",
     ]
     return "\n".join(lines)
 
 
-def _fmt(key: str, value: float | None) -> str:
+def _fmt(key: str, value: float | None, bounds: list[float] | None = None) -> str:
     if value is None:
         return "–"
     if key in {"params_M", "gflops"}:
         return f"{value:.2f}"
     if key == "images_per_s":
         return f"{value:.0f}"
-    return f"{value:.3f}" if key == "fidelity_cosine" else f"{100 * value:.1f}%"
+    if key == "fidelity_cosine":
+        return f"{value:.3f}" + (f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else "")
+    return f"{100 * value:.1f}%" + (f" [{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]" if bounds else "")

@@ -10,13 +10,16 @@ before the forward pass, so a recomputed block multiplies by the same tensors).
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint as run_checkpointed
 from tqdm.auto import tqdm
 
 from amp import distributed
@@ -42,18 +45,14 @@ class Scores:
 
 
 def save_scores(scores: Scores, path: str | Path) -> None:
-    import json
-
+    """Write the scores, with their provenance as metadata, to one safetensors file (atomically)."""
     tensors = {f"layer.{i}": v.contiguous() for i, v in enumerate(scores.values)}
     metadata = {"amp_scores": json.dumps(scores.meta)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_scores(path: str | Path) -> Scores:
-    import json
-
-    from safetensors import safe_open
-
+    """Scores written by :func:`save_scores`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"scores file not found: {path}")
@@ -117,13 +116,11 @@ def checkpointed(blocks) -> Iterator[None]:
     """Every block under non-reentrant activation checkpointing: autograd keeps only block inputs (plus one
     block's activations while it is recomputed). The gates exist before the forward pass, so a recomputed
     block multiplies by the same tensors and the scores are unchanged."""
-    from torch.utils.checkpoint import checkpoint
-
     blocks = list(blocks)
     for block in blocks:
 
         def forward(*args, _forward=block.forward, **kwargs):
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return run_checkpointed(_forward, *args, use_reentrant=False, **kwargs)
 
         block.forward = forward  # an instance attribute shadows the class's forward
     try:

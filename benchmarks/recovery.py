@@ -31,11 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amp import api
-from amp.data import load_dataset, make_loader
+from amp.data import load_dataset
 from amp.distill import distill
-from amp.evaluation import DEFAULT_TEMPLATES, embed_dataset, knn_classification, retrieval, zero_shot_classifier
+from amp.evaluation import EvalRow, EvalSuite
 from amp.models import ModelSpecError
 from amp.recovery import calibration_stats, compensate_model
+from amp.stats import paired_difference
 from amp.surgery import snapshot
 from amp.width_search import materialise, uniform_widths
 
@@ -83,18 +84,7 @@ def load(spec: str, device: str):
             raise
         fallback = "open_clip:amp-tiny-clip"
         print(f"[{spec} unavailable ({err}); using a randomly initialised {fallback}]", file=sys.stderr)
-        import amp.zoo
-
-        amp.zoo.import_zoo_modules()  # registers the amp-tiny-clip architecture with open_clip
         return api.load_model(fallback, device=device), fallback
-
-
-def templates_for(data: str):
-    if data.startswith(("fashion-mnist", "fmnist-captions")):
-        from amp.zoo.fashion import FASHION_TEMPLATES
-
-        return list(FASHION_TEMPLATES)
-    return list(DEFAULT_TEMPLATES)
 
 
 def calibration_batches(dense, args) -> list:
@@ -110,22 +100,20 @@ def main(argv=None) -> int:
     dense, spec = load(args.model, args.device)
     dense.model.eval()
     calib = calibration_batches(dense, args)
-    eval_set = load_dataset(args.data, dense.preprocess)
-    eval_set = torch.utils.data.Subset(eval_set, range(min(args.eval_images, len(eval_set))))
-    eval_loader = make_loader(eval_set, args.batch_size)
-    classes = getattr(eval_set.dataset, "classes", None)
-    classifier = None
-    if dense.is_clip and classes:
-        classifier = zero_shot_classifier(dense, classes, templates_for(args.data), device=args.device)
-    knn_loader = None
-    if args.knn_train and classes:
-        knn_set = load_dataset(args.knn_train, dense.preprocess)
-        knn_loader = make_loader(torch.utils.data.Subset(knn_set, range(min(args.knn_images, len(knn_set)))), 64)
-    retrieval_loader = None
-    if args.retrieval_data and dense.is_clip:
-        captioned = load_dataset(args.retrieval_data, dense.preprocess)
-        captioned = torch.utils.data.Subset(captioned, range(min(args.eval_images, len(captioned))))
-        retrieval_loader = make_loader(captioned, args.batch_size)
+    labelled = bool(getattr(load_dataset(args.data), "classes", None))  # zero-shot and k-NN need class labels
+    # one suite: the evaluation images loaded once, the zero-shot head and the dense embeddings computed once
+    suite = EvalSuite(
+        dense,
+        classification=args.data if labelled else None,
+        retrieval=args.retrieval_data or None,
+        knn_train=args.knn_train if labelled else None,
+        knn_test=args.data,
+        fidelity=args.data,
+        max_images=args.eval_images,
+        knn_images=args.knn_images,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
 
     # widths: AMP search or a uniform ratio, both from the same scores
     start = time.perf_counter()
@@ -157,28 +145,20 @@ def main(argv=None) -> int:
     print(f"{spec}: {how}; kept {kept:.1%} of MLP units; widths {widths} ({prune_time:.1f} s to score/search)")
 
     states = [snapshot(site) for site in dense.sites()]
-    rows = []
-
-    def embed(backbone, loader):
-        return embed_dataset(backbone, loader, project=True, device=args.device, progress=False)
-
-    # each variant embeds the evaluation images once; fidelity, zero-shot and k-NN all read those embeddings
-    dense_features, labels = embed(dense, eval_loader)
+    rows, measured = [], []
 
     def evaluate(name: str, backbone, seconds: float | None) -> None:
-        features = dense_features if backbone is dense else embed(backbone, eval_loader)[0]
-        cosine = (features * dense_features).sum(-1)
+        result = suite.measure(backbone, name)
+        cosine = result.outcomes.get("fidelity_cosine", torch.ones(1))  # the dense model is its own reference
         row = {"variant": name, "mean_cos": cosine.mean().item(), "min_cos": cosine.min().item(), "time_s": seconds}
-        if classifier is not None:
-            predicted = (features @ classifier.float().cpu()).argmax(dim=1)
-            row["top1"] = (predicted == labels).float().mean().item()
-        if retrieval_loader is not None:
-            rec = retrieval(backbone, retrieval_loader, device=args.device, recall_k=(1,))
-            row["R@1"] = (rec["i2t_R@1"] + rec["t2i_R@1"]) / 2
-        if knn_loader is not None:
-            train_features, train_labels = embed(backbone, knn_loader)
-            row["knn"] = knn_classification(train_features, train_labels, features, labels)["top1"]
+        if "zero_shot_top1" in result.metrics:
+            row["top1"] = result["zero_shot_top1"]
+        if "i2t_R@1" in result.metrics:
+            row["R@1"] = (result["i2t_R@1"] + result["t2i_R@1"]) / 2
+        if "knn_top1" in result.metrics:
+            row["knn"] = result["knn_top1"]
         rows.append(row)
+        measured.append(result)
         print(json.dumps(row), file=sys.stderr, flush=True)
 
     evaluate("dense", dense, None)
@@ -216,12 +196,20 @@ def main(argv=None) -> int:
     metrics = [m for m in ("top1", "R@1", "knn", "mean_cos") if m in rows[0]]
     for row in rows[2:]:  # share of the drop (dense - pruned only) won back, per metric
         row["recovered"] = {m: recovered(rows[0][m], rows[1][m], row[m]) for m in metrics}
-    print(f"\n{spec}  ({how}, {kept:.1%} of MLP units kept, {len(eval_set)} eval images, device {args.device})")
+    print(f"\n{spec}  ({how}, {kept:.1%} of MLP units kept, {args.eval_images} eval images, device {args.device})")
     print(table(rows, metrics))
+    print("\n".join(["", "Against pruned only, on the same images (paired, 95 % CI):", *comparisons(measured)]))
     if args.json:
         meta = {"model": spec, "widths": widths, "how": how, "kept": kept, "device": args.device, "rows": rows}
         Path(args.json).write_text(json.dumps(meta, indent=2) + "\n")
     return 0
+
+
+def comparisons(measured: list[EvalRow]) -> list[str]:
+    """Each recovered variant against ``pruned only``: is the gain in zero-shot, k-NN and cosine measurable?"""
+    base = measured[1]
+    keys = [k for k in ("zero_shot_top1", "knn_top1", "fidelity_cosine") if k in base.outcomes]
+    return [f"- {paired_difference(base, row, key).verdict}" for row in measured[2:] for key in keys]
 
 
 def recovered(dense: float, pruned: float, value: float) -> float | None:

@@ -112,7 +112,7 @@ def test_backbone_record_sites_and_preprocess(backbone):
         "family": "timm",
         "name": "vit_small_patch14_dinov2",
         "kwargs": D.TIMM_KWARGS,
-        "zoo": "dinov2-s",
+        "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in D.DATA_CONFIG.items()},
     }
     assert backbone.info["weights"] == D.WEIGHTS_INFO
     sites = backbone.adapter.sites(backbone.model)

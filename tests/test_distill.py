@@ -10,8 +10,11 @@ import pytest
 import torch
 from conftest import tiny
 
+from amp.api import load_pruned, save_pruned
+from amp.cli import main
 from amp.data import SyntheticImages
-from amp.distill import distill, distill_loss, head_parameter_names, load_checkpoint, lr_factor
+from amp.distill import DistillConfig, distill, distill_loss, load_checkpoint, lr_factor
+from amp.io import read_json
 from amp.scoring import magnitude_scores
 from amp.surgery import prune
 
@@ -53,7 +56,7 @@ def test_losses():
 def test_loss_decreases_and_only_the_vision_tower_trains():
     student, teacher = _pair("open_clip")
     text_before = {k: v.clone() for k, v in student.model.state_dict().items() if not k.startswith("visual.")}
-    heads = head_parameter_names(student.vision)
+    heads = student.adapter.head_parameter_names(student.model)
     assert set(heads) == {"ln_post.weight", "ln_post.bias", "proj"}
     with torch.no_grad():
         student.vision.ln_post.weight.add_(0.1)  # a different head: replaced by the teacher's
@@ -220,13 +223,24 @@ def test_unknown_sharding_is_refused():
         distill(student, teacher, SyntheticImages(8, 32), 1, batch_size=8, sharding="zero3", progress=False)
 
 
-def test_main_distils_a_saved_pruned_model(tmp_path, capsys):
-    from amp.distill import main
-    from amp.io import load_pruned, read_json, save_pruned
+def test_a_config_and_keywords_give_the_same_run():
+    data = SyntheticImages(16, 32)
+    by_keywords, by_config = _pair("timm_vit"), _pair("timm_vit")
+    a = distill(*by_keywords, data, 2, batch_size=8, lr=1e-3, warmup=1, progress=False)
+    config = DistillConfig(steps=2, batch_size=8, lr=5e-4, warmup=1, progress=False)
+    b = distill(*by_config, data, config=config, lr=1e-3)  # a keyword overrides the config's field
+    assert a["settings"] == b["settings"] and a["history"] == b["history"]
+    with pytest.raises(TypeError, match="steps"):
+        distill(*_pair("timm_vit"), data, batch_size=8)
+    with pytest.raises(TypeError):
+        distill(*_pair("timm_vit"), data, 1, batch_size=8, learning_rate=1e-3)  # not a setting
 
+
+def test_amp_distill_command_distils_a_saved_pruned_model(tmp_path, capsys):
     student, _ = _pair("open_clip")
     save_pruned(student, tmp_path / "pruned")
-    argv = ["--student", str(tmp_path / "pruned"), "--teacher", "open_clip:amp-test-tiny", "--data", "synthetic:16:32"]
+    argv = ["distill", "--student", str(tmp_path / "pruned"), "--teacher", "open_clip:amp-test-tiny"]
+    argv += ["--data", "synthetic:16:32"]
     argv += ["--steps", "3", "--batch-size", "8", "--out", str(tmp_path / "out"), "--no-progress", "--seed", "1"]
     assert main(argv) == 0
     assert "model written to" in capsys.readouterr().out

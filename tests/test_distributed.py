@@ -76,13 +76,13 @@ def _worker(rank, port, out_dir):
         backbone = tiny("open_clip")
         data = SyntheticImages(IMAGES, size=32, seed=SEED)
         loader = D.sharded(data, BATCH, seed=SEED)
-        scores = D.distributed_taylor_scores(backbone, loader, Entropy(temp_inv=5.0), progress=False)
+        scores = taylor_scores(backbone, loader, Entropy(temp_inv=5.0), progress=False)
         result["scores"], result["meta"] = scores.values, scores.meta
 
         # a last global batch with fewer images than ranks leaves rank 1 a batch short: refused, no deadlock
         short = D.sharded(SyntheticImages(9, size=32), BATCH, seed=SEED)
         try:
-            D.distributed_taylor_scores(tiny("open_clip"), short, Entropy(), progress=False)
+            taylor_scores(tiny("open_clip"), short, Entropy(), progress=False)
             result["short"] = "accepted"
         except ValueError as error:
             result["short"] = str(error)

@@ -1,7 +1,8 @@
-"""Evaluation metrics on hand-made cases with known answers, plus a smoke run on tiny real models."""
+"""Evaluation metrics on hand-made cases with known answers, the suite against them, and tiny real models."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,21 +11,27 @@ from conftest import tiny
 from torch import nn
 
 from amp.adapters import BackboneAdapter
-from amp.data import make_loader
+from amp.data import load_dataset, make_loader
 from amp.evaluation import (
     DEFAULT_TEMPLATES,
-    compare_models,
+    EvalSuite,
     compare_throughput,
     dataset_classnames,
     embed_dataset,
     embedding_fidelity,
+    evaluate,
+    first_items,
     imagenet_templates,
     knn_classification,
     knn_eval,
+    knn_hits,
     retrieval,
+    retrieval_hits,
+    text_tower_key,
     throughput,
     zero_shot_classification,
     zero_shot_classifier,
+    zero_shot_prompts,
 )
 from amp.models import Backbone
 
@@ -268,12 +275,16 @@ def test_throughput_and_side_by_side(tiny_vit):
     assert throughput(tiny_vit, batch_size=1, input_size=(3, 32, 32), steps=1, warmup=0, dtype=torch.bfloat16) > 0
 
 
-def test_compare_models_report(tiny_vit):
-    loader = make_loader([(torch.rand(3, 32, 32), -1) for _ in range(3)], batch_size=2)
-    report = compare_models(tiny_vit, tiny_vit, loader, batch_size=1, steps=1)
-    assert report["fidelity"]["mean_cosine"] == pytest.approx(1.0)
-    assert report["throughput"]["speedup"] > 0
-    assert set(report) == {"dense", "pruned", "fidelity", "throughput"}
+def test_per_item_hits_behind_the_means():
+    # the crafted retrieval case above, per query: t2i 10° hit, 30° miss; i2t both hits
+    texts = {"a": angle(10), "b": angle(30)}
+    items = [(as_image(angle(0)), "a"), (as_image(angle(90)), ["b"])]
+    hits = retrieval_hits(fake_backbone(texts, 2), make_loader(items, 1), recall_k=(1,))
+    assert hits["t2i_R@1"].tolist() == [True, False] and hits["i2t_R@1"].tolist() == [True, True]
+    c, s = 0.9, math.sqrt(1 - 0.81)
+    train, train_labels = torch.tensor([[1.0, 0.0], [c, s], [c, -s]]), torch.tensor([0, 1, 1])
+    test, test_labels = torch.tensor([[1.0, 0.0], [c, s]]), torch.tensor([0, 0])
+    assert knn_hits(train, train_labels, test, test_labels, k=3)["top1"].tolist() == [True, False]
 
 
 # --- a real (tiny, random-init) open_clip model through the same code paths ---------------------
@@ -299,3 +310,87 @@ def test_tiny_open_clip_zero_shot_and_retrieval(tiny_clip):
     assert set(scores) == {"i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "images", "texts"}
     assert all(0.0 <= scores[k] <= 1.0 for k in scores if "@" in k)
     assert scores["texts"] == 16
+
+
+# --- the evaluation suite: the same numbers as the functions above, one row per model ------------------------
+
+CLASSIFICATION, CAPTIONS, NEIGHBOURS = (
+    "fashion-mnist:test-subset",
+    "fmnist-captions:test-subset",
+    "fashion-mnist:train-subset",
+)
+
+
+def first_loader(backbone: Backbone, spec: str, n: int, batch_size: int = 16):
+    return make_loader(first_items(load_dataset(spec, backbone.preprocess), n), batch_size)
+
+
+def variant_of(dense: Backbone) -> Backbone:
+    """A pruned-like variant: the same text tower and transform, a perturbed image tower."""
+    variant = copy.deepcopy(dense)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in variant.vision.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return variant
+
+
+@pytest.fixture(scope="module")
+def suite(tiny_clip) -> EvalSuite:
+    return EvalSuite(tiny_clip, CLASSIFICATION, CAPTIONS, NEIGHBOURS, max_images=40, knn_images=64, batch_size=16)
+
+
+def test_suite_row_equals_the_functions(suite, tiny_clip):
+    variant = variant_of(tiny_clip)
+    row = suite.measure(variant, "variant")
+    test = first_loader(variant, CLASSIFICATION, 40)
+    names, templates = zero_shot_prompts(CLASSIFICATION, test.dataset)
+    zs = zero_shot_classification(variant, test, names, templates)
+    assert (row["zero_shot_top1"], row["zero_shot_top5"]) == (zs["top1"], zs["top5"])
+    recall = retrieval(variant, first_loader(variant, CAPTIONS, 40))
+    assert {k: row[k] for k in recall} == recall
+    knn = knn_eval(variant, first_loader(variant, NEIGHBOURS, 64), test)
+    assert row["knn_top1"] == knn["top1"]
+    assert row["fidelity_cosine"] == embedding_fidelity(tiny_clip, variant, test)["mean_cosine"]
+    assert row["params_M"] > 0 and row["gflops"] > 0
+    # per-item outcomes behind every averaged metric, on the suite's items
+    assert row.outcome("zero_shot_top1").dtype == torch.bool and len(row.outcome("zero_shot_top1")) == 40
+    assert len(row.outcome("t2i_R@1")) == row["texts"] and len(row.outcome("i2t_R@10")) == row["images"] == 40
+    assert row.outcome("fidelity_cosine").dtype == torch.float32
+    low, high = row.interval("zero_shot_top1")
+    assert low <= row["zero_shot_top1"] <= high
+    assert row.interval("fidelity_cosine")[0] <= row["fidelity_cosine"] <= row.interval("fidelity_cosine")[1]
+    with pytest.raises(KeyError, match="per-item"):
+        row.outcome("params_M")
+
+
+def test_suite_caches_data_heads_and_dense_embeddings(suite, tiny_clip):
+    dense_row = suite.measure(tiny_clip, "dense")
+    assert "fidelity_cosine" not in dense_row.metrics  # the dense model is the reference
+    loaded, heads = len(suite._loaded), len(suite._heads)
+    variant = variant_of(tiny_clip)
+    assert text_tower_key(variant) == text_tower_key(tiny_clip)
+    row = suite.measure(variant, "variant")
+    assert (len(suite._loaded), len(suite._heads), len(suite._dense_features)) == (loaded, heads, 1)
+    assert suite.zero_shot(variant) == {CLASSIFICATION: row["zero_shot_top1"]}  # reproduce.Benchmark's shapes
+    assert suite.recall(variant)[CAPTIONS]["i2t_R@5"] == row["i2t_R@5"]
+
+
+def test_suite_names_several_sets_and_measures_speed(tiny_clip):
+    suite = EvalSuite(tiny_clip, {"a": CLASSIFICATION, "b": CLASSIFICATION}, max_images=8, batch_size=8)
+    row = suite.measure(tiny_clip, speed={"batch_size": 2, "steps": 1, "warmup": 0, "rounds": 1})
+    assert row.value("zero_shot_top1", "a") == row["a/zero_shot_top1"] == row["b/zero_shot_top1"]
+    with pytest.raises(KeyError, match="2 metrics"):
+        row.key("zero_shot_top1")
+    assert row["images_per_s"] > 0 and "speedup" not in row.metrics  # the dense model alone
+    speed = EvalSuite(tiny_clip).speed(variant_of(tiny_clip), {"batch_size": 2, "steps": 1, "warmup": 0})
+    assert speed["speedup"] > 0 and speed["dense_images_per_s"] > 0
+
+
+def test_evaluate_is_one_row_with_intervals(tiny_clip):
+    report = evaluate(tiny_clip, classification=CLASSIFICATION, max_images=8, batch_size=8, throughput_batch=2,
+                      intervals=True)  # fmt: skip
+    assert report["widths"] == tiny_clip.widths() and report["images_per_s"] > 0
+    assert set(report["intervals"]) == {"zero_shot_top1", "zero_shot_top5"}
+    low, high = report["intervals"]["zero_shot_top1"]
+    assert low <= report["zero_shot_top1"] <= high

@@ -31,4 +31,11 @@ def test_demo_on_a_tiny_budget(tmp_path, capsys):
     assert set(report["seconds"]) >= {"load", "score", "search", "evaluate dense", "evaluate pruned"}
     text = (out / "REPORT.md").read_text()
     assert "| pruned |" in text and "zero-shot top-1" in text
+    # 95 % intervals in the table and in report.json, and a paired comparison per quality metric
+    low, high = report["intervals"]["pruned"]["zero_shot_top1"]
+    assert low <= pruned["zero_shot_top1"] <= high
+    assert f"{100 * pruned['zero_shot_top1']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]" in text
+    compared = {c["metric"]: c for c in report["comparisons"]}
+    assert set(compared) == {"zero_shot_top1", "i2t_R@1", "t2i_R@1"}  # the cosine is measured on pruned only
+    assert all(c["items"] == 48 and 0 <= c["p_value"] <= 1 and c["verdict"] in text for c in compared.values())
     assert (out / "model.safetensors").is_file() and main(["info", str(out)]) == 0

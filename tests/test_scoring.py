@@ -1,8 +1,11 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_MODELS, images_for, tiny
 
-from amp.criteria import Entropy, KLToDense, NonFiniteLossError
+from amp.criteria import ClassCrossEntropy, Entropy, KLToDense, NonFiniteLossError, build_criterion
 from amp.scoring import Scores, load_scores, magnitude_scores, random_scores, save_scores, taylor_scores
 
 
@@ -115,3 +118,23 @@ def test_checkpointed_blocks_give_the_same_scores(name):
     checkpointed = taylor_scores(backbone, batches, Entropy(5.0), progress=False, checkpoint=True)
     for a, b in zip(plain.values, checkpointed.values):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_class_cross_entropy_takes_the_zero_shot_head_as_embed_dim_by_classes():
+    """Regression: a head (embed_dim, num_classes) with embed_dim == num_classes was used untransposed."""
+    backbone = tiny("open_clip")
+    classes = [f"class {i}" for i in range(6)]
+    head = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))  # (embed_dim, num_classes), both 6
+    calls = []
+
+    def zero_shot_head(model, classnames, device="cpu"):
+        calls.append((model, classnames, device))
+        return head
+
+    dataset = SimpleNamespace(classes=classes)
+    criterion = build_criterion("cross_entropy", backbone, dataset=dataset, zero_shot_head=zero_shot_head)
+    assert calls == [(backbone, classes, "cpu")]
+    assert isinstance(criterion, ClassCrossEntropy) and criterion.needs_projection
+    torch.testing.assert_close(criterion.classifier, F.normalize(head.T, dim=-1))  # one row per class
+    with pytest.raises(ValueError, match="zero_shot_head"):
+        build_criterion("cross_entropy", backbone, dataset=dataset)

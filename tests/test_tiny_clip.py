@@ -64,7 +64,7 @@ def test_zoo_tiny_clip_is_trained():
 
     backbone = load_model("zoo:tiny-clip")
     assert backbone.is_clip and backbone.spec == "zoo:tiny-clip"
-    assert backbone.arch == {"family": "open_clip", "name": "amp-tiny-clip", "kwargs": {}, "zoo": "tiny-clip"}
+    assert backbone.arch == {"family": "tiny-clip", "name": "amp-tiny-clip", "kwargs": {}}
     assert backbone.info["weights"].endswith("tiny-clip.safetensors") and len(backbone.sites()) >= 4
     meta = json.loads((tiny_clip.zoo_dir() / tiny_clip.META_NAME).read_text())
     assert backbone.info["sha256"] == meta["sha256"]

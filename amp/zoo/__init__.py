@@ -1,45 +1,27 @@
-"""Models that work offline, by short name: ``zoo:<name>`` (see :data:`ZOO`).
-
-Each zoo module registers a loader ``(device, **kwargs) -> Backbone`` in :data:`ZOO` when imported.
-"""
+"""Models that work offline, by short name: ``zoo:<name>`` (see :data:`ZOO`), plus the offline data sets."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
+from amp.adapters import register_backbone
 from amp.models import Backbone, ModelSpecError, register_source
-from amp.zoo import fashion  # noqa: F401  registers the fashion-mnist:... and fmnist-captions:... data sets
+from amp.zoo import (
+    dinov2_s,
+    fashion,  # noqa: F401  registers the fashion-mnist:... and fmnist-captions:... data sets
+    tiny_clip,
+)
 
-ZOO: dict[str, Callable[..., Backbone]] = {}
-# name -> (model -> eval transform): lets a pruned zoo model, rebuilt without its loader, preprocess as its base did
-ZOO_PREPROCESS: dict[str, Callable] = {}
-_ZOO_MODULES = ("amp.zoo.tiny_clip", "amp.zoo.dinov2_s")
+ZOO: dict[str, Callable[..., Backbone]] = {"tiny-clip": tiny_clip.load_tiny_clip, "dinov2-s": dinov2_s.load_dinov2_s}
 
-
-def register_zoo_model(name: str, loader: Callable[..., Backbone], preprocess: Callable | None = None) -> None:
-    ZOO[name] = loader
-    if preprocess is not None:
-        ZOO_PREPROCESS[name] = preprocess
-
-
-def import_zoo_modules() -> None:
-    """Import every zoo module, so that their models and architectures are registered."""
-    for module in _ZOO_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:  # a missing dependency inside the module is a real error
-                raise
+# after the built-in families: a tiny CLIP is matched as plain open_clip, its own records name this family
+register_backbone(tiny_clip.TinyClipAdapter, first=False)
 
 
 def _load_zoo(rest: str, device: str, **kwargs) -> Backbone:
-    import_zoo_modules()
     if rest not in ZOO:
         raise ModelSpecError(f"unknown zoo model {rest!r}; available: {sorted(ZOO)}")
-    backbone = ZOO[rest](device=device, **kwargs)
-    backbone.arch = {**backbone.arch, "zoo": rest}
-    return backbone
+    return ZOO[rest](device=device, **kwargs)
 
 
 register_source("zoo", _load_zoo)

