@@ -1,18 +1,26 @@
 """amp: Adaptive MLP Pruning of vision transformers (arXiv 2603.08100).
 
-Front door (plain names and paths in, results out)::
+Front door (plain names and paths in, results out; nothing else is needed for the paper's pipeline)::
 
     import amp
-    model = amp.load_model("open_clip:ViT-B-32:openai")          # or timm:..., zoo:tiny-clip, a pruned dir
-    scores = amp.score(model, "imagefolder:/imagenet/train", criterion="entropy", max_images=10_000)
-    result = amp.search(model, scores, "imagefolder:/imagenet/val", threshold=0.01, max_images=2_000)
-    amp.save_pruned(model, "runs/vit-b-32-amp")
-    amp.model_stats(amp.load_pruned("runs/vit-b-32-amp"))
+    dense = amp.load_model("open_clip:ViT-B-32:openai")           # or timm:..., zoo:tiny-clip, a pruned dir
+    scores = amp.score(dense, "imagefolder:/imagenet/train", criterion="entropy", max_images=10_000)
+    pruned = amp.prune(dense, scores, ratio=0.5)                    # scores → widths → sliced copy (uniform)
+    searched = amp.load_model("open_clip:ViT-B-32:openai")         # the search prunes its model in place
+    result = amp.search(searched, scores, "imagefolder:/imagenet/val", threshold=0.01)  # AMP's own widths
+    fixed = amp.recover(pruned, "lstsq", "imagefolder:/imagenet/train", dense, scores)  # or "bias", "distill"
+    suite = amp.EvalSuite(dense, classification={"ImageNet": "imagefolder:/imagenet/val"})
+    row = suite.measure(fixed)                                      # metrics with per-item outcomes
+    amp.save_pruned(fixed, "runs/vit-b-32-amp"); amp.load_pruned("runs/vit-b-32-amp")
+    amp.register_backbone(MyAdapter)                                # a new backbone family in one call
 
-The pieces are separate modules: :mod:`amp.adapters` (a uniform view of each backbone family's MLPs),
-:mod:`amp.criteria`, :mod:`amp.scoring`, :mod:`amp.width_search` (the AMP search and preset allocations),
-:mod:`amp.surgery`, :mod:`amp.io`,
-:mod:`amp.accounting`, :mod:`amp.evaluation`, :mod:`amp.data`.
+The method is four small modules: :mod:`amp.criteria` (what a batch of embeddings costs), :mod:`amp.scoring`
+(Taylor importance per MLP unit), :mod:`amp.width_search` (the AMP bisection and preset allocations) and
+:mod:`amp.surgery` (slicing). Around them, each with one job: :mod:`amp.adapters` (one adapter per backbone family),
+:mod:`amp.models` (one build path for dense and pruned models), :mod:`amp.recovery` and :mod:`amp.distill`,
+:mod:`amp.evaluation` and :mod:`amp.stats`, :mod:`amp.accounting`, :mod:`amp.data`, :mod:`amp.distributed`,
+:mod:`amp.zoo` (offline models and data), :mod:`amp.reproduce` and :mod:`amp.notebook` (the notebooks' runner and
+helpers), :mod:`amp.pipeline` (``amp demo``) and :mod:`amp.cli`.
 """
 
 from amp import api, zoo  # noqa: F401  zoo registers the offline models and data sets

@@ -9,6 +9,8 @@ adapter gives and never on model classes or attribute names. :func:`register_bac
 from __future__ import annotations
 
 import contextlib
+import logging
+import pickle
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ from timm.layers import GluMlp, Mlp, SwiGLU
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
+
+from amp.io import safetensors_header
 
 
 class UnsupportedModelError(TypeError):
@@ -132,6 +136,12 @@ def _open_clip_layout(index: int, name: str, mlp: nn.Module) -> MLPSite | None:
     )
 
 
+def _is_known_mlp(module: nn.Module) -> bool:
+    """A module of one of the built-in MLP types (used to find a second MLP in a block)."""
+    open_clip_mlp = isinstance(module, nn.Sequential) and hasattr(module, "c_fc") and hasattr(module, "c_proj")
+    return isinstance(module, (Mlp, GluMlp, SwiGLU)) or open_clip_mlp
+
+
 def describe_mlp(index: int, name: str, mlp: nn.Module) -> MLPSite:
     """The site of a built-in MLP layout (timm or open_clip); :meth:`BackboneAdapter.mlp_site` extends it."""
     site = _timm_layout(index, name, mlp) or _open_clip_layout(index, name, mlp)
@@ -156,6 +166,19 @@ def _to_tuples(config: dict[str, Any]) -> dict[str, Any]:
 
 def _is_file_ref(ref: str) -> bool:
     return "/" in ref or ref.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+
+
+def _from_file(path: str, load: Callable[[], nn.Module]) -> nn.Module:
+    """``load()`` a model from a user's weights file; a damaged or foreign file is an error naming the file."""
+    if path.endswith(".safetensors"):
+        safetensors_header(path)  # truncated or not safetensors at all: named before the library tries
+    try:
+        return load()
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise ModelSpecError(
+            f"cannot load the weights file {path}: {first}; is it a checkpoint of this architecture?"
+        ) from err
 
 
 # --- Backbone adapters -------------------------------------------------------------------------
@@ -265,7 +288,32 @@ class BackboneAdapter:
 
     def sites(self, model: nn.Module) -> list[MLPSite]:
         prefix = self.block_prefix(model)
-        return [self.mlp_site(i, f"{prefix}.{i}.mlp", self.mlp_of(block)) for i, block in enumerate(self.blocks(model))]
+        sites = []
+        for i, block in enumerate(self.blocks(model)):
+            sites.append(self.mlp_site(i, f"{prefix}.{i}.mlp", self._one_mlp(block, f"{prefix}.{i}")))
+        return sites
+
+    def _one_mlp(self, block: nn.Module, name: str) -> nn.Module:
+        """The block's MLP; a block without one MLP (parallel MLPs, an MLP fused into another layer, or a second MLP
+        beside it) is refused by name: amp's scores, search and slicing assume one MLP per block."""
+        try:
+            mlp = self.mlp_of(block)
+        except AttributeError:
+            mlp = None
+        if not isinstance(mlp, nn.Module):
+            raise UnsupportedModelError(
+                f"{name} is a {type_name(block)} without one MLP at block.mlp (e.g. timm's ParallelThingsBlock with "
+                "parallel MLPs, or ParallelScalingBlock with the MLP fused into the attention's projections): amp "
+                "prunes blocks with exactly one MLP"
+            )
+        inside = {id(m) for m in mlp.modules()}
+        others = [n for n, m in block.named_modules() if id(m) not in inside and _is_known_mlp(m)]
+        if others:
+            raise UnsupportedModelError(
+                f"{name} is a {type_name(block)} with more than one MLP ({', '.join(others)} besides its mlp): amp "
+                "prunes blocks with exactly one MLP"
+            )
+        return mlp
 
     def block_inputs(self, model: nn.Module, images: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
         """The inputs of the given blocks in one forward pass (it stops after the last one needed)."""
@@ -352,6 +400,17 @@ class BackboneAdapter:
                 blocks[i] = block
 
 
+@contextlib.contextmanager
+def quiet_open_clip() -> Iterator[None]:
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" while weights are loaded after."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 class OpenClipModels(BackboneAdapter):
     """Building, weights, preprocessing and tokenizer of open_clip models (``open_clip:<arch>[:<tag or file>]``)."""
 
@@ -361,7 +420,8 @@ class OpenClipModels(BackboneAdapter):
 
     def build(self, arch: dict[str, Any], device: str | torch.device) -> nn.Module:
         self._check_name(arch["name"])
-        return open_clip.create_model(arch["name"], pretrained=None, device=device, **arch.get("kwargs", {}))
+        with quiet_open_clip():  # the architecture only: its weights are loaded next (or it is a meta count)
+            return open_clip.create_model(arch["name"], pretrained=None, device=device, **arch.get("kwargs", {}))
 
     def load(
         self, name: str, device: str | torch.device, pretrained: bool = True, **kwargs: Any
@@ -373,7 +433,8 @@ class OpenClipModels(BackboneAdapter):
             raise ModelSpecError(f"weights file not found: {source}")
         self._check_name(name)
         if pretrained or not source:
-            model = open_clip.create_model(name, pretrained=source or None, device=device, **kwargs)
+            create = lambda: open_clip.create_model(name, pretrained=source or None, device=device, **kwargs)  # noqa: E731
+            model = _from_file(source, create) if _is_file_ref(source) else create()
             return model, arch, {"weights": source or "random-init"}
         # what open_clip merges from a tag when it loads its weights; the size stays the tower's own
         tag_cfg = merge_preprocess_dict({}, open_clip.get_pretrained_cfg(name, source))
@@ -498,10 +559,14 @@ class TimmAdapter(BackboneAdapter):
         if weights:
             if not Path(weights).is_file():
                 raise ModelSpecError(f"weights file not found: {weights}")
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs)
+            overlay = {"file": weights}
+            create = lambda: timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)  # noqa: E731
+            model = _from_file(weights, create)
         else:
             model = timm.create_model(name, pretrained=pretrained and "." in name, **kwargs)
         tagged = pretrained and "." in name
+        if self.matches(model):
+            self.sites(model)  # refuse an unsupported block layout now, by name, not at the first use
         return model.to(device), arch, {"weights": weights or (name if tagged else "random-init")}
 
     def preprocess_config(self, model: nn.Module) -> dict[str, Any]:

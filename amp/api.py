@@ -11,22 +11,35 @@ import torch
 
 from amp import distributed
 from amp.accounting import model_stats
-from amp.adapters import register_backbone
-from amp.criteria import build_criterion
-from amp.data import load_dataset, make_loader
+from amp.adapters import BackboneAdapter, MLPSite, register_backbone
+from amp.criteria import Criterion, build_criterion, check_batch_size
+from amp.data import check_option, load_dataset, make_loader
 from amp.distill import distill, train_transform
 from amp.evaluation import EvalSuite, evaluate, zero_shot_classifier
 from amp.io import write_json as _write_json
 from amp.models import Backbone, load_model, load_pruned, save_pruned
 from amp.recovery import calibration_stats, compensate_model
-from amp.scoring import Scores, load_scores, magnitude_scores, random_scores, save_scores, taylor_scores
+from amp.scoring import (
+    Scores,
+    check_scores_for,
+    load_scores,
+    magnitude_scores,
+    random_scores,
+    save_scores,
+    taylor_scores,
+)
 from amp.surgery import prune as slice_sites
 from amp.surgery import snapshot
-from amp.width_search import amp_search, apply_widths, global_widths, materialise, uniform_widths
+from amp.width_search import amp_search, apply_widths, check_round_to, global_widths, materialise, uniform_widths
+
+ALLOCATIONS = ("amp", "uniform", "global")
+RECOVERIES = ("bias", "lstsq", "distill")
 
 __all__ = [
     "Backbone",
+    "BackboneAdapter",
     "EvalSuite",
+    "MLPSite",
     "evaluate",
     "load_model",
     "load_pruned",
@@ -58,6 +71,23 @@ def _dataset_of(data):
     return getattr(data, "dataset", data)
 
 
+def _data_name(data) -> str:
+    """How messages and provenance name a data source: its spec, or the type of a Dataset or loader's data set."""
+    return data if isinstance(data, str) else type(_dataset_of(data)).__name__
+
+
+def _check_loading(batch_size: int, max_images: int | None, what: str = "max_images") -> None:
+    check_option("batch_size", batch_size, 1, integer=True)
+    check_option(what, max_images, 1, integer=True, optional=True)
+
+
+def _check_criterion_data(criterion: Criterion, data, batch_size: int, name: str) -> None:
+    """Before any work: batches (and the data set) large enough for the criterion, named in the message."""
+    dataset = _dataset_of(data)
+    size = len(dataset) if isinstance(dataset, torch.utils.data.Dataset) and hasattr(dataset, "__len__") else None
+    check_batch_size(criterion, batch_size, name, size)
+
+
 def score(
     backbone: Backbone,
     data,
@@ -78,14 +108,17 @@ def score(
         return random_scores(backbone, seed)
     if method != "taylor":
         raise ValueError(f"unknown scoring method {method!r}; choose taylor, magnitude or random")
+    _check_loading(batch_size, max_images)
+    name = _data_name(data)
     data = loader(backbone, data, batch_size, seed)
     crit = build_criterion(
         criterion, backbone, temp_inv, _dataset_of(data), device or "cpu", zero_shot_head=zero_shot_classifier
     )
+    _check_criterion_data(crit, data, batch_size, name)
     scores = taylor_scores(
-        backbone, data, crit, signed=signed, max_images=max_images, device=device, checkpoint=checkpoint
+        backbone, data, crit, signed=signed, max_images=max_images, device=device, checkpoint=checkpoint, data_name=name
     )
-    scores.meta["data"] = data if isinstance(data, str) else type(_dataset_of(data)).__name__
+    scores.meta["data"] = name
     return scores
 
 
@@ -105,28 +138,33 @@ def search(
     **amp_options: Any,
 ) -> dict[str, Any]:
     """Choose widths (``amp`` bisection, or ``uniform``/``global`` at ``ratio``) and prune ``backbone`` in place."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; choose amp, uniform or global")
+    if allocation == "amp" and threshold is None:
+        raise ValueError("the amp allocation needs a threshold")
+    if allocation != "amp" and ratio is None:
+        raise ValueError(f"the {allocation} allocation needs a ratio")
+    _check_loading(batch_size, max_images)
+    check_scores_for(scores, backbone)
+    check_round_to(amp_options.get("round_to", 1), scores.widths, [site.name for site in backbone.sites()])
     dense_widths = backbone.widths()
+    name = _data_name(data)
     val = loader(backbone, data, batch_size, seed)
     crit = build_criterion(
         criterion, backbone, temp_inv, _dataset_of(val), device or "cpu", zero_shot_head=zero_shot_classifier
     )
+    _check_criterion_data(crit, val, batch_size, name)
     if distributed.world_size() > 1:  # the loss of the global batch, identical on every rank
         crit = distributed.GlobalCriterion(crit)
     batches = materialise(val, max_images)
     if allocation == "amp":
-        if threshold is None:
-            raise ValueError("the amp allocation needs a threshold")
         result = amp_search(backbone, scores, batches, crit, threshold, device=device, **amp_options)
     else:
-        if ratio is None:
-            raise ValueError(f"the {allocation} allocation needs a ratio")
         round_to = amp_options.get("round_to", 1)
         if allocation == "uniform":
             widths = uniform_widths(dense_widths, ratio, round_to)
-        elif allocation == "global":
-            widths = global_widths(scores, ratio, round_to)
         else:
-            raise ValueError(f"unknown allocation {allocation!r}; choose amp, uniform or global")
+            widths = global_widths(scores, ratio, round_to)
         compensation = {k: amp_options[k] for k in ("compensation", "ridge") if k in amp_options}
         result = apply_widths(backbone, scores, widths, batches, crit, device=device, **compensation)
         result.config.update({"method": allocation, "ratio": ratio, "round_to": round_to})
@@ -161,6 +199,7 @@ def prune(
             raise ValueError(f"unknown allocation {allocation!r}; choose uniform or global (or run amp.search)")
     if list(scores.widths) != backbone.widths():
         raise ValueError(f"scores are for MLP widths {scores.widths}, the model has {backbone.widths()}")
+    check_scores_for(scores, backbone)
     pruned = backbone if inplace else copy.deepcopy(backbone)
     slice_sites(pruned.sites(), scores.orders(), list(widths))
     pruned.info["dense_widths"] = list(scores.widths)
@@ -195,9 +234,14 @@ def recover(
 ) -> Backbone:
     """A recovered copy of ``pruned``: ``bias``/``lstsq`` compensation calibrated on ``data`` (needs the ``scores``
     it was pruned with), or ``distill`` from ``dense`` on ``data`` (options as :func:`amp.distill.distill`)."""
+    if method not in RECOVERIES:
+        raise ValueError(f"unknown recovery {method!r}; choose bias, lstsq or distill")
+    _check_loading(batch_size, calib_images, "calib_images")
     if method in ("bias", "lstsq"):
         if scores is None:
             raise ValueError(f"{method} compensation needs the scores the model was pruned with")
+        check_option("ridge", ridge, 0)
+        check_scores_for(scores, dense)
         _check_sliced_from(pruned, dense, scores)
         recovered = copy.deepcopy(dense)
         states = [snapshot(site) for site in recovered.sites()]
@@ -206,9 +250,7 @@ def recover(
         compensate_model(recovered, states, scores.orders(), pruned.widths(), stats, method=method, ridge=ridge)
         recovered.info = {**pruned.info, "recovery": {"method": method, "calib_images": calib_images, "ridge": ridge}}
         return recovered
-    if method == "distill":
-        return _distilled(pruned, dense, data, batch_size=batch_size, seed=seed, device=device, **distill_options)
-    raise ValueError(f"unknown recovery {method!r}; choose bias, lstsq or distill")
+    return _distilled(pruned, dense, data, batch_size=batch_size, seed=seed, device=device, **distill_options)
 
 
 def _distilled(

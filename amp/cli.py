@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from amp import api, distributed
 from amp import reproduce as runner
 from amp.adapters import UnsupportedModelError
 from amp.criteria import CRITERIA, NonFiniteLossError
 from amp.data import DataSpecError, load_dataset
-from amp.distill import LOSSES, SHARDINGS, DistillConfig, default_device, distill, train_transform
+from amp.distill import CHECKPOINT_FILE, LOSSES, SHARDINGS, DistillConfig, default_device, distill, train_transform
 from amp.evaluation import evaluate
-from amp.models import ModelSpecError
+from amp.io import check_output_dir, check_output_file, check_writable_dir, write_dir
+from amp.models import ModelSpecError, write_pruned
 from amp.pipeline import PipelineConfig, markdown, run
 
-USER_ERRORS = (ModelSpecError, DataSpecError, UnsupportedModelError, NonFiniteLossError, FileNotFoundError, ValueError)
+# expected failures: one "amp: error: ..." line, exit 2 (anything else is a bug: its traceback, exit 1)
+USER_ERRORS = (
+    ModelSpecError,
+    DataSpecError,
+    UnsupportedModelError,
+    NonFiniteLossError,
+    ValueError,  # amp.io's OutputError and FileFormatError among them
+    OSError,  # FileNotFoundError, PermissionError, a full disk, ...
+    SafetensorError,
+)
+SEARCH_STATE, CHECKPOINTS = "search_state.json", "checkpoints"
 
 
 def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
@@ -108,6 +122,7 @@ def _scores(args, backbone):
 
 
 def cmd_score(args) -> None:
+    check_output_file(args.out)
     backbone = _load(args)
     start = time.perf_counter()
     scores = _scores(args, backbone)
@@ -118,8 +133,10 @@ def cmd_score(args) -> None:
 def cmd_prune(args, save_model: bool = True) -> None:
     if args.threshold is not None and args.threshold < 0:
         raise ValueError(f"--threshold must be ≥ 0, got {args.threshold}")
+    out = check_output_dir(
+        args.out, overwrite=args.overwrite, resumable=SEARCH_STATE, resume=args.resume, inputs=[args.model, args.scores]
+    )
     backbone = _load(args)
-    out = Path(args.out)
     scores = _scores(args, backbone)
     result = api.search(
         backbone,
@@ -140,20 +157,28 @@ def cmd_prune(args, save_model: bool = True) -> None:
         max_images=args.max_val_images,
         seed=args.seed,
         cache=not args.no_cache,
-        state_path=out / "search_state.json",
+        state_path=out / SEARCH_STATE,
         resume=args.resume,
         device=args.device,
     )
-    api.write_json(out / "search.json", result)
+
+    def write(tmp: Path) -> None:  # search.json and the model together, all or nothing
+        api.write_json(tmp / "search.json", result)
+        if save_model:
+            write_pruned(backbone, tmp, search=result["config"])
+
+    if distributed.rank() == 0:  # one writer under torchrun (every rank has the same result)
+        write_dir(out, write, overwrite=args.overwrite or args.resume, keep=[SEARCH_STATE])
     kept = sum(result["widths"]) / sum(result["dense_widths"])
     print(f"widths: {result['widths']}")
     print(f"kept {kept:.1%} of MLP units; loss {result['dense_loss']:.5f} (dense) -> {result['final_loss']:.5f}")
     if save_model:
-        api.save_pruned(backbone, out, search=result["config"])
         print(f"pruned model written to {out}")
 
 
 def cmd_eval(args) -> None:
+    if args.out:
+        check_output_file(args.out)
     backbone = _load(args)
     dense = api.load_model(args.dense, device=args.device) if args.dense else None
     report = evaluate(
@@ -194,7 +219,7 @@ def cmd_demo(args) -> None:
         eval_images=args.eval_images,
     )
     start = time.perf_counter()
-    report = run(config, args.out)
+    report = run(config, args.out, overwrite=args.overwrite)
     print(markdown(report))
     print(f"pruned model and REPORT.md in {args.out} ({time.perf_counter() - start:.0f} s in all)")
 
@@ -220,6 +245,8 @@ def cmd_reproduce(args) -> int:
         for path in runner.notebook_paths():
             print(f"{path.name}: {'stripped' if runner.strip_notebook(path) else 'clean'}")
         return 0
+    if args.out:
+        check_writable_dir(args.out)  # the notebooks' tables are rewritten in place, by design
     result = runner.reproduce(
         profile=args.profile,
         only=args.only,
@@ -256,6 +283,7 @@ def _add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory for the distilled model")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints in --out/checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/checkpoint.pt")
+    _add_overwrite(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available")
@@ -270,6 +298,13 @@ def _add_distill_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_distill(args) -> None:
     """Load the student and its teacher, distil, and save the student (rank 0) with its distillation provenance."""
+    out = check_output_dir(
+        args.out,
+        overwrite=args.overwrite,
+        resumable=f"{CHECKPOINTS}/{CHECKPOINT_FILE}",
+        resume=args.resume,
+        inputs=[args.student, args.teacher],
+    )
     world = distributed.world_size()
     device = torch.device(args.device) if args.device else default_device(world)
     fsdp = args.sharding == "fsdp" and world > 1  # the student stays on the CPU; only its shards go to the GPU
@@ -279,7 +314,6 @@ def cmd_distill(args) -> None:
         raise ValueError("no teacher: pass --teacher (the student's amp.json names no base_model)")
     teacher = api.load_model(teacher_spec, device=str(device))
     dataset = load_dataset(args.data, train_transform(student) if args.augment else student.preprocess)
-    out = Path(args.out)
     config = DistillConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -293,7 +327,7 @@ def cmd_distill(args) -> None:
         grad_clip=args.grad_clip or None,
         seed=args.seed,
         sharding=args.sharding,
-        checkpoint_dir=out / "checkpoints",
+        checkpoint_dir=out / CHECKPOINTS,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         device=device,
@@ -312,25 +346,33 @@ def cmd_distill(args) -> None:
             "wall_time_s": result["wall_time_s"],
         }
         student.info.setdefault("base_model", teacher_spec)
-        api.save_pruned(student, out, distill=provenance)
+        api.save_pruned(student, out, overwrite=args.overwrite or args.resume, keep=[CHECKPOINTS], distill=provenance)
         print(
             f"distilled {args.steps} steps: loss {result['history'][0]['loss']:.5g} -> {result['final_loss']:.5g}, "
             f"{result['images_per_s']:.1f} images/s; model written to {out}"
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amp", description="Adaptive MLP Pruning of vision transformers")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (or an input) whole")
 
-    p = sub.add_parser("info", help="parameters and FLOPs, with the MLP share")
+
+def build_parser() -> argparse.ArgumentParser:
+    debug = argparse.ArgumentParser(add_help=False)  # --debug before or after the subcommand
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    parser = argparse.ArgumentParser(prog="amp", description="Adaptive MLP Pruning of vision transformers")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, parents=[debug])
+
+    p = add("info", help="parameters and FLOPs, with the MLP share")
     _add_model(p)
     p.add_argument("--per-block", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--meta", action="store_true", help="build on the meta device (no weights, any size)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("score", help="importance of every MLP hidden unit")
+    p = add("score", help="importance of every MLP hidden unit")
     _add_model(p)
     _add_data(p)
     _add_criterion(p)
@@ -341,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     for name, save in (("search", False), ("prune", True)):
-        p = sub.add_parser(name, help="find per-layer widths" + (" and save the pruned model" if save else ""))
+        p = add(name, help="find per-layer widths" + (" and save the pruned model" if save else ""))
         _add_model(p)
         _add_data(p)
         _add_criterion(p)
@@ -366,13 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-cache", action="store_true", help="run the full model for every probe")
         p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
         p.add_argument("--out", required=True, help="output directory")
+        _add_overwrite(p)
         p.set_defaults(func=lambda a, save=save: cmd_prune(a, save_model=save))
 
-    p = sub.add_parser("distill", help="recover a pruned model by distillation from its dense original")
+    p = add("distill", help="recover a pruned model by distillation from its dense original")
     _add_distill_arguments(p)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("reproduce", help="run the notebooks with papermill and collect their tables")
+    p = add("reproduce", help="run the notebooks with papermill and collect their tables")
     p.add_argument("--profile", choices=runner.PROFILES, default="cpu", help="cpu: offline, minutes; paper: GPUs, data")
     p.add_argument("--only", help="comma-separated notebook numbers or names, e.g. 02,04")
     p.add_argument("--out", help="output folder (default results/<profile>)")
@@ -386,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strip", action="store_true", help="only strip the outputs of notebooks/*.ipynb (before commit)")
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("eval", help="evaluate a model: size, speed and quality")
+    p = add("eval", help="evaluate a model: size, speed and quality")
     _add_model(p)
     p.add_argument("--classification", help="labelled data set (zero-shot for CLIP models, k-NN with --knn-train)")
     p.add_argument("--retrieval", help="captioned data set (CLIP models)")
@@ -397,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the report as JSON here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="the main job: score, search, prune, evaluate and report (offline default)")
+    p = add("demo", help="the main job: score, search, prune, evaluate and report (offline default)")
     p.add_argument("--model", default="zoo:tiny-clip")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", help="scoring data (default: captioned Fashion-MNIST, train subset)")
@@ -415,8 +458,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-train", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo")
+    _add_overwrite(p)
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of an expected failure, naming the file for an OSError (its str() alone may not)."""
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    if isinstance(err, SafetensorError):
+        return f"unreadable safetensors file ({err}): it is truncated or not a safetensors file"
+    return str(err) or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,12 +477,24 @@ def main(argv: list[str] | None = None) -> int:
     distributed.init_from_env()  # a no-op unless started by torchrun
     try:
         status = args.func(args)
-    except USER_ERRORS as err:
-        print(f"amp: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("amp: interrupted (a search can continue with --resume)", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        print("amp: interrupted (prune, search and distill continue with --resume)", file=sys.stderr)
         return 130
+    except USER_ERRORS as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"amp: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        traceback.print_exc()
+        print(
+            f"amp: internal error ({type(err).__name__}): this is a bug in amp; please report it with the traceback "
+            "above and the command line",
+            file=sys.stderr,
+        )
+        return 1
     return status if isinstance(status, int) else 0
 
 

@@ -14,14 +14,15 @@ or the projected one shared with text. A new criterion is one subclass here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from amp.data import make_loader
+from amp.data import check_option, make_loader
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -66,6 +67,9 @@ class Criterion:
     needs_projection = False
     # False when the loss is minimal at the dense model, so its gradient there is zero and cannot score
     scores_dense_model = True
+    # images a batch needs for a meaningful loss: a softmax over the batch's own similarities has one row and
+    # entropy 0 (zero gradient, zero scores) for a single image
+    min_batch = 2
 
     def context(self, targets: Any, dense_features: torch.Tensor) -> Any:
         return None
@@ -92,8 +96,7 @@ class Entropy(Criterion):
     name = "entropy"
 
     def __init__(self, temp_inv: float = 15.0):
-        if temp_inv <= 0:
-            raise ValueError(f"temp_inv must be positive, got {temp_inv}")
+        check_option("temp_inv", temp_inv, 0, low_open=True)
         self.temp_inv = temp_inv
 
     def __call__(self, features: torch.Tensor, context: Any = None) -> torch.Tensor:
@@ -119,6 +122,7 @@ class KLToDense(Criterion):
     scores_dense_model = False
 
     def __init__(self, temp_inv: float = 15.0):
+        check_option("temp_inv", temp_inv, 0, low_open=True)
         self.temp_inv = temp_inv
 
     def context(self, targets: Any, dense_features: torch.Tensor) -> torch.Tensor:
@@ -141,6 +145,7 @@ class ClassCrossEntropy(Criterion):
     """One-hot cross-entropy through a fixed classifier (a zero-shot text classifier or class prototypes)."""
 
     name = "cross_entropy"
+    min_batch = 1  # a loss per image: one image is a batch
 
     def __init__(self, classifier: torch.Tensor, logit_scale: float = 100.0, project: bool = True):
         self.classifier = F.normalize(classifier.float(), dim=-1)  # [classes, dim]
@@ -150,7 +155,10 @@ class ClassCrossEntropy(Criterion):
     def context(self, targets: Any, dense_features: torch.Tensor) -> torch.Tensor:
         labels = torch.as_tensor(targets)
         if labels.dtype != torch.long or (labels < 0).any():
-            raise ValueError("cross_entropy with a classifier needs integer class labels for every image")
+            raise ValueError(
+                "cross_entropy with a classifier needs integer class labels for every image; the data set has "
+                "unlabelled images (target -1): use a labelled data set (imagefolder:...) or --criterion entropy"
+            )
         return labels.to(dense_features.device)
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -206,6 +214,51 @@ class ContrastiveCrossEntropy(Criterion):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "mode": "contrastive", "logit_scale": self.logit_scale}
+
+
+class BatchTooSmallError(ValueError):
+    """A batch with fewer images than its criterion needs (a one-image similarity softmax has entropy 0)."""
+
+
+def min_batch(criterion: Criterion) -> int:
+    """Images per batch ``criterion`` needs (the wrapped criterion's, for :class:`amp.distributed.GlobalCriterion`)."""
+    return getattr(getattr(criterion, "criterion", criterion), "min_batch", Criterion.min_batch)
+
+
+def _too_small(criterion: Criterion, images: int, data: str) -> str:
+    return (
+        f"{data}: a batch of {images} image(s), but the {criterion.name} criterion compares the images of a batch "
+        f"and needs ≥ {min_batch(criterion)} per batch (with one image every loss and score is 0)"
+    )
+
+
+def _raise_too_small(criterion: Criterion, images: int, data: str) -> None:
+    advice = "use a larger --batch-size and a data set of at least that many images"
+    raise BatchTooSmallError(f"{_too_small(criterion, images, data)}; {advice}")
+
+
+def check_batch_size(criterion: Criterion, batch_size: int, data: str, dataset_size: int | None = None) -> None:
+    """Refuse, before any work, a batch size (or a data set) too small for ``criterion``, naming the data set."""
+    check_option("batch_size", batch_size, 1, integer=True)
+    smallest = batch_size if dataset_size is None else min(batch_size, dataset_size)
+    if smallest < min_batch(criterion):
+        _raise_too_small(criterion, smallest, data)
+
+
+def usable_batches(batches: Iterable[tuple[torch.Tensor, Any]], criterion: Criterion, data: str) -> Iterator:
+    """The batches with enough images for ``criterion``: a short one (the last batch of a data set whose size leaves
+    one image over) is left out with a warning; raises when no batch is large enough. (Not under torchrun: there
+    each rank holds a slice of a global batch, and every rank must see the same batches.)"""
+    used, short = 0, None
+    for images, targets in batches:
+        if len(images) >= min_batch(criterion):
+            used += 1
+            yield images, targets
+        elif short is None:
+            short = len(images)
+            warnings.warn(f"{_too_small(criterion, short, data)}: that batch is left out", stacklevel=2)
+    if used == 0 and short is not None:
+        _raise_too_small(criterion, short, data)
 
 
 CRITERIA = ("entropy", "cross_entropy", "kl_to_dense")

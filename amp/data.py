@@ -20,6 +20,7 @@ Captioned kinds default to the ``test`` split; ``train+restval`` style specs joi
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,32 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 class DataSpecError(ValueError):
     """A data set name, path or layout that cannot be used."""
+
+
+def check_option(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    integer: bool = False,
+    optional: bool = False,
+) -> None:
+    """Refuse a numeric option outside ``[low, high]`` (``(low, high]`` when ``low_open``), naming it (``batch_size``
+    is also shown as ``--batch-size``); ``integer`` refuses non-integers, ``optional`` lets None through."""
+    if value is None and optional:
+        return
+    flag = name.replace("_", "-")
+    bounds = [f"> {low}" if low_open else f"≥ {low}"] if low is not None else []
+    bounds += [f"≤ {high}"] if high is not None else []
+    kind = "an integer" if integer else "a finite number"
+    wanted = f"{kind} {' and '.join(bounds)}".strip()
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and math.isfinite(value) and (not integer or float(value).is_integer())
+    ok = ok and (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
+    if not ok:
+        raise ValueError(f"{name} (--{flag}) must be {wanted}, got {value!r}")
 
 
 DatasetLoader = Callable[[str, Callable | None], Dataset]
@@ -116,8 +143,11 @@ def _synthetic(argument: str, transform: Callable | None) -> Dataset:
 def _open_rgb(path: Path, transform: Callable | None) -> Any:
     from PIL import Image
 
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as error:  # unreadable, truncated or not an image at all
+        raise DataSpecError(f"cannot read image {path}: {error}; replace or remove the file") from None
     return transform(image) if transform is not None else image
 
 

@@ -40,6 +40,7 @@ import dataclasses
 import itertools
 import math
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -430,7 +431,15 @@ def _seed_everything(seed: int) -> None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A distillation checkpoint (tower, optimiser, scheduler, RNG states, step, data position, settings)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # truncated, or not a torch file
+        raise ValueError(
+            f"{path}: not a readable distillation checkpoint ({err}); remove it or drop --resume"
+        ) from None
+    if not isinstance(state, dict) or "settings" not in state:
+        raise ValueError(f"{path}: not a distillation checkpoint of amp; remove it or drop --resume")
+    return state
 
 
 def _resumable_state(path: Path | None, resume: bool, settings: dict[str, Any]) -> dict[str, Any] | None:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from amp import stats
 from amp.accounting import model_stats
-from amp.data import load_dataset, make_loader
+from amp.data import check_option, load_dataset, make_loader
 from amp.models import Backbone
 from amp.zoo.fashion import FASHION_TEMPLATES
 
@@ -112,7 +112,10 @@ def _labels(targets: Any, what: str) -> torch.Tensor:
     if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point:
         raise ValueError(f"{what} needs integer class targets, got {type(targets).__name__}")
     if len(targets) and int(targets.min()) < 0:
-        raise ValueError(f"{what} needs labelled data; the loader yields unlabelled images (target -1)")
+        raise ValueError(
+            f"{what} needs labelled data; the data set yields unlabelled images (target -1): use a labelled one, "
+            "e.g. imagefolder:<root>/<class>/<image>"
+        )
     return targets.long()
 
 
@@ -684,7 +687,7 @@ class EvalSuite:
             dataset = self._data(backbone, source, self.max_images)[0]
             features, targets = self._embed(backbone, source, self.max_images, True, memo)
             head = self._head(backbone, name, dataset, head_key)
-            hits = zero_shot_hits(features, _labels(targets, "zero-shot classification"), head)
+            hits = zero_shot_hits(features, _labels(targets, f"zero-shot classification on {_display(source)}"), head)
             results[name] = {metric: hits[metric] for metric in ("top1", "top5") if metric in hits}
         return results
 
@@ -704,9 +707,9 @@ class EvalSuite:
         classes = _num_classes(self._data(backbone, self.knn_train, self.knn_images)[0])
         return knn_hits(
             train_features,
-            _labels(train_targets, "kNN"),
+            _labels(train_targets, f"kNN neighbours {_display(self.knn_train)}"),
             test_features,
-            _labels(test_targets, "kNN"),
+            _labels(test_targets, f"kNN queries {_display(self.knn_test)}"),
             self.knn_k,
             self.knn_temperature,
             classes,
@@ -769,7 +772,7 @@ class EvalSuite:
         result = compare_throughput(self.dense, backbone, device=self.device, **options)
         return {"images_per_s": result["pruned"], "dense_images_per_s": result["dense"], "speedup": result["speedup"]}
 
-    # --- the shapes reproduce.Benchmark gave ----------------------------------------------------------------------
+    # --- per-set summaries (what notebooks 04 and 05 print) ------------------------------------------------------
 
     def zero_shot(self, backbone: Backbone, *, head_key: str | None = None) -> dict[str, float]:
         """Zero-shot top-1 (fraction) per classification set."""
@@ -801,6 +804,13 @@ def evaluate(
     One :class:`EvalSuite` row as a flat dict with the model's ``widths``; ``intervals`` adds the 95 % interval of
     every metric that averages over items (``{"intervals": {key: [low, high]}}``).
     """
+    check_option("batch_size", batch_size, 1, integer=True)
+    check_option("max_images", max_images, 1, integer=True, optional=True)
+    if classification and not backbone.is_clip and not knn_train:
+        raise ValueError(
+            f"classification {_display(classification)!r} gives no metric for {backbone.spec!r}: zero-shot "
+            "classification needs a CLIP model (text tower); for an image-only model add --knn-train <labelled data>"
+        )
     suite = EvalSuite(dense, classification, retrieval, knn_train, max_images=max_images, batch_size=batch_size,
                       device=device)  # fmt: skip
     row = suite.measure(backbone, speed={"batch_size": throughput_batch})

@@ -17,20 +17,30 @@ dense weights are allocated or downloaded), each MLP resized to its width, the t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from amp.adapters import ADAPTERS, BackboneAdapter, ModelSpecError, adapter_for, adapter_named
-from amp.io import atomic_write, read_json, versions, write_json
+from amp.io import FileFormatError, atomic_write, safetensors_header, versions, write_dir, write_json
 from amp.surgery import set_width
 
-__all__ = ["Backbone", "ModelSpecError", "build_architecture", "load_model", "load_pruned", "save_pruned"]
+__all__ = [
+    "Backbone",
+    "ModelSpecError",
+    "build_architecture",
+    "load_model",
+    "load_pruned",
+    "save_pruned",
+    "write_pruned",
+]
 
 BUFFER_PREFIX = "__buffer__."
 MODEL_FILE, META_FILE = "model.safetensors", "amp.json"
@@ -114,14 +124,35 @@ def build_with_weights(
     tensors = dict(tensors)
     buffers = {k[len(BUFFER_PREFIX) :]: tensors.pop(k) for k in list(tensors) if k.startswith(BUFFER_PREFIX)}
     _add_compensation_biases(model, tensors)
+    _check_tensors(model, tensors, source)
     model.load_state_dict(tensors, strict=True, assign=True)
     for name, value in buffers.items():
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner).register_buffer(leaf, value, persistent=False)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
+    if left and not all(t.is_meta for t in tensors.values()):  # a meta load (shapes only) stays on meta
         raise ModelSpecError(f"{source}: tensors missing: {left[:5]}")
     return model.eval()
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """The tensors are exactly the model's, shape for shape; else one message naming what differs."""
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    found = {k: list(v.shape) for k, v in tensors.items()}
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k} is {found[k]}, expected {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+    problems = [
+        f"{len(items)} {what} ({'; '.join(items[:3])}{'; ...' if len(items) > 3 else ''})"
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong))
+        if items
+    ]
+    if problems:
+        raise ModelSpecError(
+            f"{source}: the weights do not fit the architecture and widths recorded for them: tensors "
+            + ", ".join(problems)
+            + "; the weights were written for another model (or the widths were edited): save the model again"
+        )
 
 
 # --- pruned models on disk ----------------------------------------------------------------------------
@@ -146,10 +177,9 @@ def _tensors_for_file(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pruned(backbone: Backbone, path: str | Path, **provenance: Any) -> Path:
-    """Save a (pruned) backbone; ``provenance`` (criterion, threshold, temperature, ...) goes into amp.json."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+def write_pruned(backbone: Backbone, directory: str | Path, **provenance: Any) -> None:
+    """The files of a pruned model, written into ``directory`` as they are (:func:`save_pruned` makes it atomic)."""
+    directory = Path(directory)
     meta = {
         "format": FORMAT_VERSION,
         "arch": backbone.arch,
@@ -160,23 +190,98 @@ def save_pruned(backbone: Backbone, path: str | Path, **provenance: Any) -> Path
         "dense_widths": backbone.info.get("dense_widths", backbone.widths()),
         "dtype": str(next(backbone.model.parameters()).dtype).replace("torch.", ""),
         "versions": versions(),
-        **{k: v for k, v in backbone.info.items() if k not in {"base_model", "weights", "dense_widths"}},
-        **provenance,
     }
-    tensors = _tensors_for_file(backbone.model)
-    atomic_write(path / MODEL_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"amp": "pruned model"}))
-    write_json(path / META_FILE, meta)
-    return path
+    # what the model's info adds (a loaded model's provenance); what is measured above is never taken from it
+    meta.update({k: v for k, v in backbone.info.items() if k not in meta and k != "pruned_path"})
+    meta.update(provenance)
+    tensors = _tensors_for_file(backbone.model)  # atomic_write: the permissions open() gives (save_file's are 0600)
+    atomic_write(directory / MODEL_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"amp": "pruned model"}))
+    write_json(directory / META_FILE, meta)
+
+
+def save_pruned(
+    backbone: Backbone, path: str | Path, overwrite: bool = False, keep: Iterable[str] = (), **provenance: Any
+) -> Path:
+    """Save a (pruned) backbone as a directory, all or nothing; ``provenance`` (criterion, threshold, ...) goes into
+    amp.json.
+
+    The directory is written whole beside ``path`` and renamed into place: a kill at any moment leaves the old
+    directory or the new one. An existing non-empty ``path`` needs ``overwrite=True`` and is then replaced whole;
+    ``keep`` names entries of it to carry over (see :func:`amp.io.write_dir`).
+    """
+    return write_dir(path, lambda tmp: write_pruned(backbone, tmp, **provenance), overwrite=overwrite, keep=keep)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """amp.json, schema-checked: its format version, the architecture record, positive integer widths."""
+    file = path / META_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelSpecError(f"{file}: not valid JSON ({err}); save the model again") from None
+
+    def bad(reason: str) -> ModelSpecError:
+        return ModelSpecError(f"{file}: {reason}; save the model again (amp.json is written by amp.save_pruned)")
+
+    if not isinstance(meta, dict):
+        raise bad("not a JSON object")
+    if "format" not in meta:
+        raise bad("no 'format' version")
+    if meta["format"] != FORMAT_VERSION:
+        newer = isinstance(meta["format"], int) and meta["format"] > FORMAT_VERSION
+        raise ModelSpecError(
+            f"{file}: format {meta['format']!r}, but this amp reads format {FORMAT_VERSION}"
+            + ("; upgrade amp to load it" if newer else "; save the model again")
+        )
+    for key in ("arch", "widths"):
+        if key not in meta:
+            raise bad(f"no {key!r}")
+    arch = meta["arch"]
+    if not isinstance(arch, dict) or not isinstance(arch.get("family"), str) or not isinstance(arch.get("name"), str):
+        raise bad(f"'arch' must be a record with 'family' and 'name', got {arch!r}")
+    for key in ("widths", "dense_widths"):
+        widths = meta.get(key, [])
+        if not isinstance(widths, list) or not all(type(w) is int and w > 0 for w in widths):
+            raise bad(f"{key!r} must be a list of positive integers, got {widths!r}")
+    dense = meta.get("dense_widths")
+    if dense is not None and (len(dense) != len(meta["widths"]) or any(w > d for w, d in zip(meta["widths"], dense))):
+        raise bad(f"'widths' {meta['widths']} do not fit 'dense_widths' {dense}")
+    return meta
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}  # fmt: skip
+
+
+def _read_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checked safetensors file; on ``meta`` only their shapes (the header, no data read)."""
+    try:
+        header = safetensors_header(file)
+        if str(device) == "meta":
+            return {
+                name: torch.empty(info["shape"], dtype=_DTYPES.get(info["dtype"], torch.float32), device="meta")
+                for name, info in header.items()
+                if name != "__metadata__"
+            }
+        return load_file(str(file), device=str(device))
+    except (FileFormatError, SafetensorError) as err:
+        raise ModelSpecError(str(err) if isinstance(err, FileFormatError) else f"{file}: unreadable ({err})") from None
 
 
 def load_pruned(path: str | Path, device: str = "cpu") -> Backbone:
-    """Rebuild a model saved by :func:`save_pruned`, with the dense model's preprocessing."""
+    """Rebuild a model saved by :func:`save_pruned`, with the dense model's preprocessing (``meta``: shapes only).
+
+    amp.json and model.safetensors are checked where they enter: the format version and schema, a truncated or
+    foreign weights file, widths that do not match the tensors; each refusal names the file.
+    """
     path = Path(path)
     if not (path / META_FILE).is_file() or not (path / MODEL_FILE).is_file():
         raise ModelSpecError(f"{path} is not a pruned amp model (expected {MODEL_FILE} and {META_FILE})")
-    meta = read_json(path / META_FILE)
-    tensors = load_file(str(path / MODEL_FILE), device=str(device))
-    model = build_with_weights(meta["arch"], tensors, meta["widths"], source=str(path))
+    meta = _read_meta(path)
+    tensors = _read_tensors(path / MODEL_FILE, device)
+    source = f"{path / MODEL_FILE} (with {META_FILE})"
+    model = build_with_weights(meta["arch"], tensors, meta["widths"], source=source)
     info = {k: v for k, v in meta.items() if k not in {"arch", "format", "versions"}}
     info["pruned_path"] = str(path)
     return backbone_from(model, meta["arch"], str(path), info)

@@ -1,4 +1,4 @@
-"""What the notebooks share: paths against the project root, data checks, tables, figures and zero-shot prompts.
+"""What the notebooks share: paths against the project root, data checks, tables, figures.
 
 Every helper here is small and plain so that a notebook cell reads as the experiment, not as plumbing. The runner that
 executes the notebooks (papermill, the report) is :mod:`amp.reproduce`.
@@ -6,23 +6,11 @@ executes the notebooks (papermill, the report) is :mod:`amp.reproduce`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from amp.api import loader
-from amp.evaluation import (
-    dataset_classnames,
-    imagenet_templates,
-    retrieval,
-    zero_shot_classification,
-    zero_shot_classifier,
-)
-from amp.width_search import materialise
-from amp.zoo.fashion import FASHION_TEMPLATES
 
 # --- where things are --------------------------------------------------------------------------------------
 
@@ -132,89 +120,7 @@ def save_figure(fig, fig_dir: str | Path, name: str, dpi: int = 110) -> Path:
     return path
 
 
-def as_dict(value: str | Mapping[str, str] | None, default_name: str | None = None) -> dict[str, str]:
-    """A data-set parameter as ``{display name: spec}``: a single spec is named after itself."""
-    if value is None or value == "":
-        return {}
-    if isinstance(value, Mapping):
-        return {str(k): v for k, v in value.items() if v}
-    return {default_name or value: value}
-
-
-# --- zero-shot class names and prompts -------------------------------------------------------------------------
-
-
-def zero_shot_prompts(spec: str, dataset) -> tuple[list[str], list[str]]:
-    """Class names and prompt templates for zero-shot classification on ``dataset`` (named ``spec``).
-
-    Fashion-MNIST uses the templates the tiny CLIP was trained with; ImageNet-style folders of 1000 classes named by
-    WordNet id (``n01440764``) or by index (``0``..``999``, ImageNetV2) get the OpenAI class names, and every other
-    data set its own class names with the 80 OpenAI ImageNet templates (the paper's protocol).
-    """
-    classes = list(getattr(dataset, "classes", None) or [])
-    if not classes:
-        raise ValueError(f"{spec}: zero-shot classification needs a labelled data set with class names")
-    templates = getattr(dataset, "templates", None)
-    if templates is None and spec.split(":")[0] in ("fashion-mnist", "fmnist-captions"):
-        templates = FASHION_TEMPLATES
-    if len(classes) == 1000 and all(re.fullmatch(r"n\d{8}", c) for c in classes):
-        classes = dataset_classnames("imagenet1k")  # sorted WordNet ids are the standard class order
-    elif len(classes) == 1000 and sorted(classes, key=int) == [str(i) for i in range(1000)]:
-        names = dataset_classnames("imagenet1k")
-        classes = [names[int(c)] for c in classes]
-    return [c.replace("_", " ") for c in classes], list(templates or imagenet_templates())
-
-
-# --- evaluation on materialised data ---------------------------------------------------------------------------
-
-
-class Benchmark:
-    """Evaluation data loaded once with a model's transform, reused for every variant of that model.
-
-    ``classification`` and ``retrieval`` map display names to data sets; ``max_images`` caps each (the first
-    images in the data set's order). Zero-shot heads are computed once, from the first model evaluated: pruning,
-    compensation and distillation change only the image tower, so every variant of one dense model is scored against
-    the same classifier. Use one Benchmark per dense model.
-    """
-
-    def __init__(
-        self,
-        backbone,
-        classification: str | Mapping[str, str] | None = None,
-        retrieval: str | Mapping[str, str] | None = None,
-        max_images: int | None = None,
-        batch_size: int = 64,
-    ):
-        self.classification: dict[str, tuple[list, list[str], list[str]]] = {}
-        self.retrieval: dict[str, list] = {}
-        for name, spec in as_dict(classification).items():
-            data = loader(backbone, spec, batch_size, shuffle=False)
-            names, templates = zero_shot_prompts(spec, data.dataset)
-            self.classification[name] = (materialise(data, max_images), names, templates)
-        for name, spec in as_dict(retrieval).items():
-            self.retrieval[name] = materialise(loader(backbone, spec, batch_size, shuffle=False), max_images)
-        self._heads: dict[str, Any] = {}
-
-    def _head(self, backbone, name: str):
-        if name not in self._heads:
-            _, names, templates = self.classification[name]
-            self._heads[name] = zero_shot_classifier(backbone, names, templates)
-        return self._heads[name]
-
-    def zero_shot(self, backbone, device: str = "cpu") -> dict[str, float]:
-        """Zero-shot top-1 (fraction) per classification data set."""
-        results = {}
-        for name, (batches, names, templates) in self.classification.items():
-            head = self._head(backbone, name)
-            results[name] = zero_shot_classification(backbone, batches, names, templates, device, head)["top1"]
-        return results
-
-    def recall(self, backbone, device: str = "cpu") -> dict[str, dict[str, float]]:
-        """Image→text and text→image R@1/5/10 per retrieval data set."""
-        return {name: retrieval(backbone, batches, device=device) for name, batches in self.retrieval.items()}
-
-
-# --- notebook 02: do two criteria rank the units alike? ----------------------------------------------------------
+# --- small analyses the notebooks show ------------------------------------------------------------------------
 
 
 def rank_correlations(scores: Mapping[str, Any], pairs) -> Any:

@@ -16,7 +16,8 @@ import torch
 
 from amp import api
 from amp.evaluation import EvalRow, EvalSuite
-from amp.io import atomic_write, write_json
+from amp.io import atomic_write, check_output_dir, write_dir, write_json
+from amp.models import write_pruned
 from amp.stats import paired_difference
 
 
@@ -64,9 +65,16 @@ class _Timer:
         return _Stage()
 
 
-def run(config: PipelineConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Prune ``config.model`` and compare it with the dense model; writes the pruned model and REPORT.md to ``out``."""
-    out = Path(out)
+RUN_FILES = ("scores.safetensors", "search_state.json")  # written before the model, carried into its directory
+
+
+def run(config: PipelineConfig, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Prune ``config.model`` and compare it with the dense model; writes the pruned model and REPORT.md to ``out``.
+
+    A non-empty ``out`` needs ``overwrite=True`` (checked before any work) and is then replaced whole; the pruned model
+    and its search.json enter ``out`` all or nothing (:func:`amp.io.write_dir`).
+    """
+    out = check_output_dir(out, overwrite=overwrite, inputs=[config.model])
     timer = _Timer()
     torch.manual_seed(config.seed)
     with timer("load"):
@@ -103,9 +111,13 @@ def run(config: PipelineConfig, out: str | Path, progress: bool = True) -> dict[
             state_path=out / "search_state.json",
             progress=progress,
         )
-        write_json(out / "search.json", search)
     with timer("save"):
-        api.save_pruned(pruned, out, search=search["config"], scores=scores.meta)
+
+        def write(tmp: Path) -> None:
+            write_json(tmp / "search.json", search)
+            write_pruned(pruned, tmp, search=search["config"], scores=scores.meta)
+
+        write_dir(out, write, overwrite=overwrite, keep=RUN_FILES)
     suite = EvalSuite(
         dense,
         config.classification,

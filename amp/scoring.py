@@ -10,6 +10,7 @@ before the forward pass, so a recomputed block multiplies by the same tensors).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -17,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint as run_checkpointed
 from tqdm.auto import tqdm
 
 from amp import distributed
 from amp.adapters import MLPSite
-from amp.criteria import Criterion, check_finite
+from amp.criteria import Criterion, check_finite, usable_batches
 from amp.io import atomic_write
 
 
@@ -34,6 +35,7 @@ class Scores:
 
     values: list[torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="scores", compare=False)  # where they came from, for messages (a file's path)
 
     def orders(self) -> list[torch.Tensor]:
         """Unit indices per layer, most important first (stable, so ties keep their original order)."""
@@ -52,14 +54,83 @@ def save_scores(scores: Scores, path: str | Path) -> None:
 
 
 def load_scores(path: str | Path) -> Scores:
-    """Scores written by :func:`save_scores`."""
+    """Scores written by :func:`save_scores`, checked (:func:`check_scores`); a foreign or damaged file is an error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"scores file not found: {path}")
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("amp_scores", "{}"))
-    tensors = load_file(str(path))
-    return Scores([tensors[f"layer.{i}"] for i in range(len(tensors))], meta)
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            names = list(f.keys())
+            tensors = {key: f.get_tensor(key) for key in names}
+        meta = json.loads(metadata["amp_scores"]) if "amp_scores" in metadata else None
+    except (SafetensorError, OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a readable scores file ({error}); write it again with amp score") from None
+    layers = [f"layer.{i}" for i in range(len(tensors))]
+    if not isinstance(meta, dict) or sorted(tensors) != sorted(layers):
+        raise ValueError(
+            f"{path} is not an amp scores file (expected 'amp_scores' metadata and tensors layer.0..layer.N, got "
+            f"{sorted(tensors)[:4]}); write scores with amp score"
+        )
+    scores = Scores([tensors[key] for key in layers], meta, source=str(path))
+    check_scores(scores)
+    return scores
+
+
+def check_scores(scores: Scores) -> None:
+    """Refuse scores that cannot rank units: no layers, a non-finite value, or one value everywhere (e.g. all 0)."""
+    where = scores.source
+    if not scores.values:
+        raise ValueError(f"{where}: no layers of scores")
+    for i, v in enumerate(scores.values):
+        if v.dim() != 1 or v.numel() == 0 or not v.is_floating_point():
+            raise ValueError(f"{where}: layer {i} is a {v.dtype} tensor of shape {tuple(v.shape)}, not 1-d scores")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{where}: layer {i} has non-finite scores (NaN or inf); score the model again")
+    flat = torch.cat([v.float() for v in scores.values])
+    if bool((flat == flat[0]).all()):
+        raise ValueError(
+            f"{where}: every score is {flat[0].item()}, so they rank no unit above another (a one-image batch, or a "
+            "criterion that does not depend on the MLPs); score again with batches of ≥ 2 images"
+        )
+    recorded = scores.meta.get("dense_widths")
+    if recorded is not None and list(recorded) != scores.widths:
+        raise ValueError(f"{where}: records MLP widths {recorded} but holds scores for {scores.widths}")
+
+
+def model_fingerprint(backbone) -> str | None:
+    """A short hash of the model's MLP weights (an evenly strided sample of each tensor, as float32 bytes, so the
+    same weights give the same hash on any device); None on the meta device."""
+    digest = hashlib.sha256()
+    for site in backbone.sites():
+        for tensor in [t for linear in site.linears() for t in (linear.weight, linear.bias) if t is not None]:
+            if tensor.is_meta:
+                return None
+            flat = tensor.detach().reshape(-1)
+            digest.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def weights_identity(backbone) -> str | None:
+    """:func:`model_fingerprint` of a model with real weights; None for a random init, which no later load of the same
+    name reproduces (so nothing made from it can be matched to it)."""
+    return None if backbone.info.get("weights") == "random-init" else model_fingerprint(backbone)
+
+
+def check_scores_for(scores: Scores, backbone) -> None:
+    """Refuse scores made for another model: other MLP widths, or (for a model with real weights) other MLP weights
+    than the ones they record."""
+    check_scores(scores)
+    widths = backbone.widths()
+    if scores.widths != widths:
+        raise ValueError(f"{scores.source}: scores are for widths {scores.widths}, the model has {widths}")
+    recorded, current = scores.meta.get("model_fingerprint"), weights_identity(backbone)
+    if recorded and current and current != recorded:
+        raise ValueError(
+            f"{scores.source}: the scores were made for the model {scores.meta.get('model')!r} (MLP weights "
+            f"{recorded}), not for {backbone.spec!r} (MLP weights {current}); score this model, or use the model "
+            "they were made for"
+        )
 
 
 class _Gate(torch.autograd.Function):
@@ -149,6 +220,7 @@ def taylor_scores(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     checkpoint: bool = False,
+    data_name: str = "the scoring data",
 ) -> Scores:
     """First-order Taylor importance of every MLP hidden unit under ``criterion``.
 
@@ -159,6 +231,9 @@ def taylor_scores(
     Under torchrun (:mod:`amp.distributed`), ``loader`` must be this rank's :func:`amp.distributed.sharded`
     loader: the criterion is evaluated on the global batch of all ranks, and the scores, summed over
     ranks, equal single-process scores of the same global batches.
+
+    A batch too small for the criterion (one image for entropy) is left out with a warning, and scores that are all
+    zero (nothing the criterion sees depends on the MLPs) are an error; ``data_name`` names the data in messages.
     """
     if not criterion.scores_dense_model:
         raise ValueError(
@@ -179,7 +254,9 @@ def taylor_scores(
     model.eval().requires_grad_(False)  # only the gates need gradients
     sums = [torch.zeros(site.hidden, dtype=torch.float64) for site in sites]
     images_seen, batches = 0, 0
-    bar = tqdm(_batches(loader, max_images), desc=f"score ({criterion.name})", unit="batch", disable=not progress)
+    todo = _batches(loader, max_images)
+    todo = todo if several else usable_batches(todo, criterion, data_name)
+    bar = tqdm(todo, desc=f"score ({criterion.name})", unit="batch", disable=not progress)
     try:
         for images, targets in bar:
             images = images.to(device)
@@ -207,6 +284,12 @@ def taylor_scores(
         images_seen = int(distributed.all_reduce_sum(torch.tensor(float(images_seen), dtype=torch.float64)))
     if images_seen == 0:
         raise ValueError("the scoring data set yielded no images")
+    if not any(bool(total.any()) for total in sums):
+        raise ValueError(
+            f"{data_name}: every Taylor score is 0 over {images_seen} images: the {criterion.name} loss does not "
+            "change with any MLP unit (constant images, or a temperature that saturates the softmax); check the data "
+            "and --temp-inv"
+        )
     meta = {
         "method": "taylor",
         "signed": signed,
@@ -214,6 +297,7 @@ def taylor_scores(
         "images": images_seen,
         "batches": batches,
         "model": backbone.spec,
+        "model_fingerprint": model_fingerprint(backbone),
         "dense_widths": [s.hidden for s in sites],
         "world_size": distributed.world_size(),
     }
@@ -230,11 +314,13 @@ def magnitude_scores(backbone) -> Scores:
             incoming = incoming + site.fc_gate.weight.detach().float().pow(2).sum(1)
         outgoing = site.fc_out.weight.detach().float().pow(2).sum(0)
         values.append((incoming.sqrt() * outgoing.sqrt()).cpu())
-    return Scores(values, {"method": "magnitude", "model": backbone.spec, "dense_widths": [len(v) for v in values]})
+    meta = {"method": "magnitude", "model": backbone.spec, "model_fingerprint": model_fingerprint(backbone)}
+    return Scores(values, {**meta, "dense_widths": [len(v) for v in values]})
 
 
 def random_scores(backbone, seed: int = 0) -> Scores:
     """Seeded random scores: the baseline any criterion must beat."""
     generator = torch.Generator().manual_seed(seed)
     values = [torch.rand(site.hidden, generator=generator) for site in backbone.sites()]
-    return Scores(values, {"method": "random", "seed": seed, "model": backbone.spec})
+    meta = {"method": "random", "seed": seed, "model": backbone.spec, "model_fingerprint": model_fingerprint(backbone)}
+    return Scores(values, meta)

@@ -23,11 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from amp import distributed
-from amp.criteria import Criterion, check_finite
+from amp.criteria import Criterion, check_finite, usable_batches
+from amp.data import check_option
 from amp.io import read_json, write_json
 from amp.recovery import METHODS as COMPENSATIONS
 from amp.recovery import calibration_stats, slice_and_compensate
-from amp.scoring import Scores
+from amp.scoring import Scores, check_scores_for, weights_identity
 from amp.surgery import snapshot
 
 RULES = ("increase", "absolute")
@@ -65,15 +66,30 @@ def round_width(width: float, round_to: int, hidden: int) -> int:
     return int(min(hidden, max(round_to, math.ceil(width / round_to) * round_to)))
 
 
+def check_round_to(round_to: int, widths: Sequence[int], names: Sequence[str] | None = None) -> None:
+    """Refuse a ``round_to`` that leaves a layer nothing to prune: widths are multiples of it within
+    ``[round_to, width]``, so a layer no wider than ``round_to`` would silently keep all its units."""
+    check_option("round_to", round_to, 1, integer=True)
+    for i, width in enumerate(widths):
+        if 1 < round_to >= width:
+            layer = f"layer {i}" + (f" ({names[i]})" if names else "")
+            raise ValueError(
+                f"round_to (--round-to) {round_to} is not smaller than the MLP width {width} of {layer}: that layer "
+                f"would keep all its units whatever the ratio or threshold; use a round_to below {min(widths)}"
+            )
+
+
 def uniform_widths(dense_widths: Sequence[int], ratio: float, round_to: int = 1) -> list[int]:
     """Every MLP keeps the same fraction ``ratio`` of its units."""
     _check_ratio(ratio)
+    check_round_to(round_to, dense_widths)
     return [round_width(ratio * h, round_to, h) for h in dense_widths]
 
 
 def global_widths(scores: Scores, ratio: float, round_to: int = 1) -> list[int]:
     """Keep the ``ratio`` best-scored units of the whole model, across layers; ≥ ``round_to`` per layer."""
     _check_ratio(ratio)
+    check_round_to(round_to, scores.widths)
     flat = torch.cat([v.float() for v in scores.values])
     budget = max(1, round(ratio * flat.numel()))
     threshold = torch.sort(flat, descending=True).values[budget - 1]
@@ -82,14 +98,24 @@ def global_widths(scores: Scores, ratio: float, round_to: int = 1) -> list[int]:
 
 
 def _check_ratio(ratio: float) -> None:
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    check_option("ratio", ratio, 0, 1, low_open=True)
 
 
 def _fingerprint(scores: Scores) -> str:
     digest = hashlib.sha256()
     for v in scores.values:
         digest.update(v.float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(batches: Sequence[tuple[torch.Tensor, Any]]) -> str:
+    """A short hash of the validation batches (their shapes and an evenly strided sample of each batch's pixels):
+    a resumed search must see the same images, not only as many."""
+    digest = hashlib.sha256()
+    for images, _ in batches:
+        flat = images.detach().reshape(-1)
+        digest.update(str(tuple(images.shape)).encode())
+        digest.update(flat[:: max(1, flat.numel() // 65536)].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -116,6 +142,11 @@ class _Evaluator:
                     self.stash.setdefault(layer, []).append(found[layer])
             self.contexts = [criterion.context(targets, f) for (_, targets), f in zip(batches, dense)]
             self.dense_loss = self._mean(dense)
+        if criterion.scores_dense_model and self.dense_loss == 0:  # only KL to dense is 0 at the dense model
+            raise ValueError(
+                f"the {criterion.name} loss of the dense model is 0 on the validation data, so no width can be judged "
+                "(one image per batch, or a saturated softmax): use batches of ≥ 2 varied images or a smaller temp_inv"
+            )
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.embed(images, project=self.criterion.needs_projection)
@@ -216,21 +247,19 @@ def amp_search(
     ``cache_gb`` bounds the memory of stashed block inputs. With ``state_path`` each finished
     layer is written atomically; ``resume=True`` continues from it to the same widths.
     """
-    if threshold < 0 or not math.isfinite(threshold):
-        raise ValueError(f"threshold must be a finite number ≥ 0, got {threshold}")
+    check_option("threshold", threshold, 0)
     if rule not in RULES or reference not in REFERENCES:
         raise ValueError(f"rule must be one of {RULES} and reference one of {REFERENCES}")
-    if steps < 1 or round_to < 1:
-        raise ValueError("steps and round_to must be ≥ 1")
+    check_option("steps", steps, 1, integer=True)
+    check_option("cache_gb", cache_gb, 0, low_open=True)
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("the validation data set yielded no batches")
+    check_option("ridge", ridge, 0)
+    batches = _validation_batches(batches, criterion)
     device = torch.device(device or next(backbone.model.parameters()).device)
     sites = backbone.sites()
-    if [s.hidden for s in sites] != scores.widths:
-        raise ValueError(f"scores are for widths {scores.widths}, the model has {[s.hidden for s in sites]}")
+    check_scores_for(scores, backbone)
+    check_round_to(round_to, scores.widths, [site.name for site in sites])
     orders = scores.orders()
     config = {
         "method": "amp",
@@ -243,7 +272,9 @@ def amp_search(
         "ridge": ridge,
         "criterion": criterion.describe(),
         "scores": _fingerprint(scores),
+        "model": weights_identity(backbone),
         "images": sum(len(images) for images, _ in batches),
+        "data": data_fingerprint(batches),
     }
     backbone.model.eval()
     evaluator = _Evaluator(backbone, batches, criterion, device, cache, cache_gb)
@@ -298,6 +329,14 @@ def amp_search(
     )
 
 
+def _validation_batches(batches: Iterable[tuple[torch.Tensor, Any]], criterion: Criterion) -> list:
+    """The validation batches as a list, less any too small for the criterion (not under torchrun)."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("the validation data set yielded no batches")
+    return batches if distributed.world_size() > 1 else list(usable_batches(batches, criterion, "the validation data"))
+
+
 def _calibrate(backbone, batches, compensation: str, device) -> dict:
     """Hidden-unit statistics of the dense model, which compensation needs (none for ``compensation='none'``)."""
     if compensation == "none":
@@ -321,6 +360,7 @@ def _resume(state_path, config, sites, cut, dense_loss) -> dict[str, Any]:
 
 def materialise(loader: Iterable, max_images: int | None = None) -> list[tuple[torch.Tensor, Any]]:
     """The validation batches in memory, so every probe sees the same images in the same batches."""
+    check_option("max_images", max_images, 1, integer=True, optional=True)
     batches, seen = [], 0
     for images, targets in loader:
         if max_images is not None and seen >= max_images:
@@ -344,7 +384,8 @@ def apply_widths(
 ) -> SearchResult:
     """Prune to preset ``widths`` (uniform/global baselines), measuring the loss before and after like the search."""
     device = torch.device(device or next(backbone.model.parameters()).device)
-    batches = list(batches)
+    check_scores_for(scores, backbone)
+    batches = _validation_batches(batches, criterion)
     evaluator = _Evaluator(backbone, batches, criterion, device, cache=False)
     stats = _calibrate(backbone, batches, compensation, device)
     for site, order, width in zip(backbone.sites(), scores.orders(), widths):

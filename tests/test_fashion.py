@@ -55,7 +55,7 @@ def test_loader_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion, "DEBIAN_DIR", tmp_path / "debian")
     monkeypatch.setenv("AMP_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(DataSpecError, match=r"apt-get install dataset-fashion-mnist.*AMP_DATA_DIR"):
-        fashion.fashion_mnist_dir("test", download=False)
+        fashion.fashion_mnist_dir("train", download=False)  # the test split ships with the repository
     with pytest.raises(DataSpecError, match="unknown split"):
         load_dataset("fashion-mnist:validation")
     with pytest.raises(DataSpecError, match="unknown split"):
@@ -107,3 +107,31 @@ def test_training_tensors_match_eval_transform():
     assert torch.equal(_to_tensor(scene[None])[0], transform(to_pil(scene)))
     item = load_fashion_mnist("test-subset")[0][10]
     assert torch.allclose(_to_tensor(full_frame(item)[None])[0], transform(to_pil(item)), atol=1e-6)
+
+
+def test_full_test_set_ships_with_the_repository(monkeypatch, tmp_path):
+    monkeypatch.delenv("AMP_DATA_DIR", raising=False)
+    monkeypatch.setattr(fashion, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(fashion, "cache_dir", lambda: tmp_path / "no-cache")
+    images, labels = load_fashion_mnist("test", download=False)
+    assert images.shape == (10_000, 28, 28) and np.bincount(labels).tolist() == [1_000] * 10
+
+
+def test_near_miss_groups_differ_in_one_attribute():
+    data = fashion.near_miss_split()
+    assert len(data) == 1_000 and len(set(data.captions)) == 1_000  # one right answer per query
+    assert data.captions == fashion.near_miss_split().captions  # deterministic
+    group = fashion.NearMissFashion.GROUP
+    def attributes(i: int) -> list:
+        items = [(int(data.colour[i, k]), int(data.size[i, k]), int(data.item_labels[data.item[i, k]])) for k in (0, 1)]
+        return [*items, data.position[i]]
+
+    for first in range(0, len(data), group):
+        assert all(data.n_items[i] == 2 for i in range(first, first + group))
+        base = attributes(first)
+        for i in range(first + 1, first + group):
+            other = attributes(i)
+            changed = sum(a != b for x, y in zip(other[:2], base[:2]) for a, b in zip(x, y))
+            same_places, swapped = other[2] == base[2], other[2] == base[2][::-1]
+            # one attribute of one item, or the places swapped (with a colour change when both phrases were equal)
+            assert (same_places and changed == 1) or (swapped and changed <= 1), data.captions[i]

@@ -256,15 +256,18 @@ def test_cell_checker_finds_each_problem():
     assert _cell_problems("ARCH_BUILDERS['v'] = f", earlier) == ["line 1: writes into the package's ARCH_BUILDERS['v']"]
 
 
-@pytest.mark.xfail(reason="notebooks migrate in issue 10", strict=False)
 def test_notebook_cells_are_short_and_public():
-    """No code cell over 25 lines, no try/except ImportError, no private imports, no writes into amp's registries."""
+    """No code cell over 25 lines (the parameters cell aside), no try/except ImportError, no private imports, no
+    writes into amp's registries."""
     problems = []
     for path in NOTEBOOKS:
         from_amp: set[str] = set()  # one kernel: a name imported in one cell is the package's in the next ones too
         for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
             if cell.cell_type == "code":
-                problems += [f"{path.stem} cell {index}: {p}" for p in _cell_problems(cell.source, from_amp)]
+                found = _cell_problems(cell.source, from_amp)
+                if "parameters" in cell.metadata.get("tags", []):  # a list of knobs, one per line: any length
+                    found = [p for p in found if "lines (at most" not in p]
+                problems += [f"{path.stem} cell {index}: {p}" for p in found]
     assert not problems, "\n".join(problems)
 
 

@@ -9,12 +9,18 @@ Data sets (registered with :func:`amp.data.register_dataset` when this module is
     64×64 RGB composites with one English caption each, target = the caption (str); ``.captions`` (all captions),
     ``.labels`` (class index of the first-mentioned item, for zero-shot use) and ``.classes``.
 
+``fmnist-captions:test-hard``
+    1,000 test composites in groups of eight near misses (:class:`NearMissFashion`): retrieval that R@5 does not
+    saturate.
+
 Where the Fashion-MNIST files come from (:func:`load_fashion_mnist`), first match wins:
 
 1. ``$AMP_DATA_DIR``: a directory with the four IDX files (``train-images-idx3-ubyte[.gz]``,
    ``train-labels-idx1-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``);
-2. ``/usr/share/datasets/fashion-mnist/`` (Debian/Ubuntu: ``apt-get install dataset-fashion-mnist``);
-3. ``~/.cache/amp/fashion-mnist`` (or ``$AMP_CACHE_DIR/fashion-mnist``), filled by torchvision's
+2. ``data/fashion-mnist/`` in the repository, which holds the full test set (10,000 images, 4.4 MB), so
+   ``fashion-mnist:test`` and the captioned ``test`` splits need no install;
+3. ``/usr/share/datasets/fashion-mnist/`` (Debian/Ubuntu: ``apt-get install dataset-fashion-mnist``);
+4. ``~/.cache/amp/fashion-mnist`` (or ``$AMP_CACHE_DIR/fashion-mnist``), filled by torchvision's
    ``FashionMNIST(download=True)`` where there is internet.
 
 The ``*-subset`` splits need none of these: they read ``data/fashion-mnist/fashion-mnist-subset.npz`` in the repository
@@ -116,7 +122,8 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-SUBSET_FILE = Path(__file__).resolve().parents[2] / "data" / "fashion-mnist" / "fashion-mnist-subset.npz"
+COMMITTED_DIR = Path(__file__).resolve().parents[2] / "data" / "fashion-mnist"  # the subset and the full test set
+SUBSET_FILE = COMMITTED_DIR / "fashion-mnist-subset.npz"
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -191,7 +198,7 @@ def fashion_mnist_dir(split: str = "test", download: bool = True) -> Path:
             missing = [s + ".gz" for s in IDX_FILES[split] if _find(directory, s) is None]
             raise DataSpecError(f"AMP_DATA_DIR={env!r} lacks {', '.join(missing)}. {HOW_TO_GET}")
         return directory
-    for directory in (DEBIAN_DIR, cache_dir(), cache_dir() / "FashionMNIST" / "raw"):
+    for directory in (COMMITTED_DIR, DEBIAN_DIR, cache_dir(), cache_dir() / "FashionMNIST" / "raw"):
         if directory.is_dir() and _has_split(directory, split):
             return directory
     if download:
@@ -450,6 +457,76 @@ class CaptionedFashion(Dataset):
         return image, self.captions[index]
 
 
+class NearMissFashion(CaptionedFashion):
+    """Groups of :data:`GROUP` two-item scenes: the first is drawn as usual, each other one changes exactly one
+    attribute of one of its items (colour, size, garment, or the two items swap places).
+
+    Every caption then has near misses that differ from it in a single word or in word order, so retrieval must read
+    every attribute (on the plain split, captions are all distinct but usually differ in several attributes, and R@5
+    and R@10 saturate at 1.0 for every model we prune).
+    """
+
+    GROUP = 8
+    CHANGES = ("colour", "size", "item", "swap")
+
+    def _draw(self, rng: np.random.Generator, rows: np.ndarray) -> None:
+        super()._draw(rng, rows)  # CHUNK is a multiple of GROUP, so each call draws whole groups
+        for first in rows[:: self.GROUP].tolist():
+            self.n_items[first] = 2
+            self.position[first] = _LAYOUTS[int(rng.integers(len(_LAYOUTS)))]
+            offset = int(rng.integers(len(self.CHANGES)))  # each near miss of a group changes something else
+            for i in range(first + 1, first + self.GROUP):
+                self._copy_scene(first, i)
+                self._change(rng, i, self.CHANGES[(i - first - 1 + offset) % len(self.CHANGES)])
+            for i in range(first, first + self.GROUP):
+                self.captions[i] = self._caption(i)
+
+    def _copy_scene(self, source: int, target: int) -> None:
+        for name in ("n_items", "item", "colour", "size", "jitter"):
+            getattr(self, name)[target] = getattr(self, name)[source]
+        self.position[target] = self.position[source]
+
+    def _change(self, rng: np.random.Generator, i: int, change: str) -> None:
+        k = int(rng.integers(2))  # which item changes
+        if change == "colour":
+            self.colour[i, k] = (self.colour[i, k] + rng.integers(1, len(_COLOUR_NAMES))) % len(_COLOUR_NAMES)
+        elif change == "size":
+            self.size[i, k] = 1 - self.size[i, k]
+        elif change == "item":  # another garment class, so the caption changes
+            label = self.item_labels[self.item[i, k]]
+            others = np.flatnonzero(self.item_labels != label)
+            self.item[i, k] = others[int(rng.integers(len(others)))]
+        else:
+            self.position[i] = self.position[i][::-1]
+        if change == "swap" and self._caption(i) == self._caption(i - 1):  # two identical phrases: change colour
+            self._change(rng, i, "colour")
+
+    def make_distinct(self, seed: int) -> None:
+        """Redraw whole groups until no caption repeats one drawn before (one right answer per query)."""
+        rng = np.random.default_rng([seed, self.split_id, 1 << 31])
+        seen: set[str] = set()
+        for first in range(0, len(self), self.GROUP):
+            group = np.arange(first, min(first + self.GROUP, len(self)))
+            while len({self.captions[i] for i in group} | seen) < len(seen) + len(group):
+                self._draw(rng, group)
+            seen.update(self.captions[i] for i in group)
+        self.labels = [int(self.item_labels[self.item[i, 0]]) for i in range(len(self))]
+
+    def _caption(self, i: int) -> str:
+        return " and ".join(
+            _phrase(int(self.size[i, j]), int(self.colour[i, j]), int(self.item_labels[self.item[i, j]]), where)
+            for j, where in enumerate(self.position[i])
+        )
+
+
+def near_miss_split(transform: Callable | None = None, seed: int = 0, count: int = 1_000) -> NearMissFashion:
+    """``fmnist-captions:test-hard``: 1,000 image-caption pairs from the Fashion-MNIST test set in near-miss groups."""
+    images, labels = load_fashion_mnist("test")
+    dataset = NearMissFashion(images, labels, count, seed=seed, split_id=SPLIT_IDS["test"] + 20, transform=transform)
+    dataset.make_distinct(seed)
+    return dataset
+
+
 def captioned_split(
     split: str, transform: Callable | None = None, seed: int = 0, count: int | None = None
 ) -> CaptionedFashion:
@@ -474,6 +551,8 @@ def captioned_split(
 
 
 def _fmnist_captions(argument: str, transform: Callable | None) -> Dataset:
+    if argument == "test-hard":
+        return near_miss_split(transform)
     return captioned_split(argument, transform)
 
 

@@ -11,10 +11,8 @@ directory.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import open_clip
 import torch
 
-from amp.adapters import OpenClipAdapter
+from amp.adapters import OpenClipAdapter, quiet_open_clip
 from amp.models import Backbone, ModelSpecError, backbone_from
 from amp.zoo.fashion import fashion_transform
 
@@ -33,17 +31,6 @@ META_NAME = "tiny-clip.json"
 REBUILD = "python -m amp.zoo.train_tiny_clip --out data/zoo"
 
 open_clip.add_model_config(CONFIG_DIR)
-
-
-@contextlib.contextmanager
-def quiet_open_clip():
-    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" while weights are loaded after."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
 
 
 def zoo_dir() -> Path:
