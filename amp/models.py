@@ -69,6 +69,10 @@ class Backbone:
         return self.adapter.sites(self.model)
 
     def embed(self, images: torch.Tensor, project: bool = False) -> torch.Tensor:
+        # data loaders give float32 images; a model kept in half precision (saved as fp16/bf16) takes its own dtype
+        dtype = next(self.vision.parameters()).dtype
+        if images.is_floating_point() and dtype.is_floating_point and images.dtype != dtype:
+            images = images.to(dtype)
         return self.adapter.embed(self.model, images, project=project)
 
     def widths(self) -> list[int]:

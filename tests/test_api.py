@@ -77,3 +77,12 @@ def test_recover_distill_trains_a_copy_and_records_its_loss_curve():
     curve = student.info["recovery"]["loss"]
     assert len(curve) == 4 and curve[-1] < curve[0]
     assert student.widths() == pruned.widths()
+
+
+def test_a_half_precision_model_scores_and_evaluates_on_float32_images():
+    dense = tiny("timm_vit")
+    dense.model.to(torch.bfloat16)
+    scores = amp.score(dense, "synthetic:16:32", batch_size=8)
+    assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in scores.values)
+    row = amp.EvalSuite(dense, fidelity="synthetic:8:32").measure(amp.prune(dense, scores, ratio=0.5))
+    assert 0 < row["fidelity_cosine"] <= 1.0001
