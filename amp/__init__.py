@@ -23,8 +23,31 @@ The method is four small modules: :mod:`amp.criteria` (what a batch of embedding
 helpers), :mod:`amp.pipeline` (``amp demo``) and :mod:`amp.cli`.
 """
 
-from amp import api, zoo  # noqa: F401  zoo registers the offline models and data sets
-from amp.api import *  # noqa: F403  the front door, listed in amp.api.__all__
+from __future__ import annotations
 
-__version__ = "0.1.0"
-__all__ = list(api.__all__)
+from importlib import import_module, metadata
+from importlib.util import find_spec
+from typing import Any
+
+try:
+    __version__ = metadata.version("amp-prune")  # the one version string: pyproject.toml, via the installed metadata
+except metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
+
+
+def __getattr__(name: str) -> Any:
+    """The front door (``amp.api.__all__``) and the submodules, imported on first use.
+
+    Deliberately lazy: torch, open_clip and timm take seconds to import, and ``amp --help`` or ``amp --version`` need
+    none of them. ``from amp import *`` and every ``amp.<name>`` still see the whole front door.
+    """
+    if name.startswith("__") and name != "__all__":
+        raise AttributeError(f"module 'amp' has no attribute {name!r}")
+    if find_spec(f"amp.{name}") is not None:  # a submodule (``from amp import io`` asks here first): only it
+        return import_module(f"amp.{name}")
+    api = import_module("amp.api")
+    import_module("amp.zoo")  # registers the offline models and data sets
+    globals().update({key: getattr(api, key) for key in api.__all__}, __all__=list(api.__all__))
+    if name not in globals():
+        raise AttributeError(f"module 'amp' has no attribute {name!r}")
+    return globals()[name]

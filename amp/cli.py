@@ -1,42 +1,102 @@
-"""The ``amp`` command: info, score, search, prune, eval. Each subcommand is a thin layer over the library."""
+"""The ``amp`` command (also ``python -m amp``): info, score, search, prune, eval, distill, demo, reproduce, ... Each
+subcommand is a thin layer over the library; ``amp <command> --help`` shows its options, defaults and an example.
+
+Results go to stdout, progress and information to stderr through :mod:`logging` (``-v`` more, ``-q`` less); under
+``torchrun`` only rank 0 prints and writes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import logging
+import os
 import re
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 
-from amp import api, distributed
+from amp import __version__
 from amp import reproduce as runner
-from amp.adapters import UnsupportedModelError
-from amp.criteria import CRITERIA, NonFiniteLossError
-from amp.data import DataSpecError, load_dataset
-from amp.distill import CHECKPOINT_FILE, LOSSES, SHARDINGS, DistillConfig, default_device, distill, train_transform
-from amp.evaluation import evaluate
 from amp.io import check_output_dir, check_output_file, check_writable_dir, write_dir
-from amp.models import ModelSpecError, write_pruned
-from amp.pipeline import PipelineConfig, markdown, run
 
-# expected failures: one "amp: error: ..." line, exit 2 (anything else is a bug: its traceback, exit 1)
-USER_ERRORS = (
-    ModelSpecError,
-    DataSpecError,
-    UnsupportedModelError,
-    NonFiniteLossError,
-    ValueError,  # amp.io's OutputError and FileFormatError among them
-    OSError,  # FileNotFoundError, PermissionError, a full disk, ...
-    SafetensorError,
-)
 SEARCH_STATE, CHECKPOINTS = "search_state.json", "checkpoints"
+# choices and defaults that --help shows, spelled out so that the parser needs no torch (a fast `amp --help`);
+# tests/test_cli_conventions.py checks them against amp.criteria, amp.distill and amp.pipeline.PipelineConfig
+CRITERIA = ("entropy", "cross_entropy", "kl_to_dense")
+LOSSES = ("mse_tokens", "cosine", "similarity_kl")
+SHARDINGS = ("ddp", "fsdp")
+DEMO_DEFAULTS = {"threshold": 0.01, "score_images": 1024, "val_images": 256}
+EXAMPLES = {  # one per command, shown at the end of its --help
+    "info": "amp info open_clip:ViT-g-14 --meta --per-block",
+    "score": "amp score zoo:tiny-clip --data fmnist-captions:train-subset --out scores.safetensors",
+    "search": "amp search zoo:tiny-clip --scores scores.safetensors --data fmnist-captions:val-subset "
+    "--threshold 0.01 --out runs/tiny-search",
+    "prune": "amp prune zoo:tiny-clip --scores scores.safetensors --data fmnist-captions:val-subset "
+    "--threshold 0.01 --round-to 8 --out runs/tiny-amp",
+    "distill": "amp distill --student runs/tiny-amp --teacher zoo:tiny-clip --data fmnist-captions:train "
+    "--steps 2000 --out runs/tiny-amp-kd",
+    "reproduce": "amp reproduce --profile cpu --only 02,04",
+    "eval": "amp eval runs/tiny-amp --dense zoo:tiny-clip --classification fashion-mnist:test "
+    "--retrieval fmnist-captions:test",
+    "demo": "amp demo --out runs/demo --overwrite",
+    "push": "amp push runs/tiny-amp me/tiny-clip-amp --dry-run",
+}
+log = logging.getLogger("amp")
+
+
+def _import_library() -> None:
+    """Import the library behind the commands, once the command line has been parsed.
+
+    A deliberate exception to top-level imports: torch, open_clip and timm take seconds to import, and ``amp
+    --help``, ``amp --version`` or a mistyped option need none of them (``python -X importtime -c "import amp.cli"``).
+    """
+    global torch, api, distributed, hub, UnsupportedModelError, NonFiniteLossError, DataSpecError, load_dataset
+    global CHECKPOINT_FILE, DistillConfig, default_device, distill, train_transform, evaluate, ModelSpecError
+    global write_pruned, PipelineConfig, markdown, run, set_num_workers, USER_ERRORS
+    import torch
+
+    from amp import api, distributed, hub
+    from amp.adapters import UnsupportedModelError
+    from amp.criteria import NonFiniteLossError
+    from amp.data import DataSpecError, load_dataset, set_num_workers
+    from amp.distill import CHECKPOINT_FILE, DistillConfig, default_device, distill, train_transform
+    from amp.evaluation import evaluate
+    from amp.models import ModelSpecError, write_pruned
+    from amp.pipeline import PipelineConfig, markdown, run
+
+    # expected failures: one "amp: error: ..." line, exit 2 (anything else is a bug: its traceback, exit 1)
+    USER_ERRORS = (
+        ModelSpecError,
+        DataSpecError,
+        UnsupportedModelError,
+        NonFiniteLossError,
+        ValueError,  # amp.io's OutputError and FileFormatError among them
+        OSError,  # FileNotFoundError, PermissionError, a full disk, ...
+        SafetensorError,
+    )
+
+
+def _no_default(action: argparse.Action) -> bool:
+    """Whether an option has no default worth showing (None, an off flag); by identity, as 0 == False."""
+    return any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default (unless None, off, or said in its help text), and the example epilog as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if _no_default(action) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
@@ -57,12 +117,21 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         "model", help="open_clip:<arch>[:<tag|file>], timm:<name>[:<file>], zoo:<name>, or a pruned-model dir"
     )
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra builder argument (JSON value)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_device(p)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="torch device; auto: cuda if available, else cpu")
+
+
+def _add_workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-workers", type=int, default=0, help="processes decoding images (0: the main process)")
 
 
 def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help="data set, e.g. folder:/images, imagefolder:/imagenet/train")
     p.add_argument("--batch-size", type=int, default=32)
+    _add_workers(p)
     p.add_argument("--max-images", type=int, default=None, help="use at most this many images")
     p.add_argument("--seed", type=int, default=0, help="data order and random scores")
 
@@ -126,13 +195,19 @@ def cmd_score(args) -> None:
     backbone = _load(args)
     start = time.perf_counter()
     scores = _scores(args, backbone)
-    api.save_scores(scores, args.out)
-    print(f"scores for {len(scores.values)} MLPs written to {args.out} ({time.perf_counter() - start:.1f} s)")
+    if distributed.rank() == 0:  # one writer under torchrun (every rank has the same scores)
+        api.save_scores(scores, args.out)
+    log.info("scores for %d MLPs written to %s (%.1f s)", len(scores.values), args.out, time.perf_counter() - start)
 
 
 def cmd_prune(args, save_model: bool = True) -> None:
     if args.threshold is not None and args.threshold < 0:
         raise ValueError(f"--threshold must be ≥ 0, got {args.threshold}")
+    # what api.search would refuse, refused before a model is loaded (minutes for a large one)
+    if args.allocation == "amp" and args.threshold is None:
+        raise ValueError("--allocation amp needs --threshold (the allowed loss increase per layer, e.g. 0.01)")
+    if args.allocation != "amp" and args.ratio is None:
+        raise ValueError(f"--allocation {args.allocation} needs --ratio (the kept fraction of MLP units)")
     out = check_output_dir(
         args.out, overwrite=args.overwrite, resumable=SEARCH_STATE, resume=args.resume, inputs=[args.model, args.scores]
     )
@@ -165,7 +240,7 @@ def cmd_prune(args, save_model: bool = True) -> None:
     def write(tmp: Path) -> None:  # search.json and the model together, all or nothing
         api.write_json(tmp / "search.json", result)
         if save_model:
-            write_pruned(backbone, tmp, search=result["config"])
+            write_pruned(backbone, tmp, search=result["config"], **hub.command_provenance(backbone.info))
 
     if distributed.rank() == 0:  # one writer under torchrun (every rank has the same result)
         write_dir(out, write, overwrite=args.overwrite or args.resume, keep=[SEARCH_STATE])
@@ -173,7 +248,7 @@ def cmd_prune(args, save_model: bool = True) -> None:
     print(f"widths: {result['widths']}")
     print(f"kept {kept:.1%} of MLP units; loss {result['dense_loss']:.5f} (dense) -> {result['final_loss']:.5f}")
     if save_model:
-        print(f"pruned model written to {out}")
+        log.info("pruned model written to %s", out)
 
 
 def cmd_eval(args) -> None:
@@ -192,7 +267,7 @@ def cmd_eval(args) -> None:
         device=args.device,
         intervals=True,
     )
-    if args.out:
+    if args.out and distributed.rank() == 0:
         api.write_json(args.out, report)
     print(json.dumps(report, indent=2))
 
@@ -221,7 +296,7 @@ def cmd_demo(args) -> None:
     start = time.perf_counter()
     report = run(config, args.out, overwrite=args.overwrite)
     print(markdown(report))
-    print(f"pruned model and REPORT.md in {args.out} ({time.perf_counter() - start:.0f} s in all)")
+    log.info("pruned model and REPORT.md in %s (%.0f s in all)", args.out, time.perf_counter() - start)
 
 
 def _notebook_overrides(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -258,10 +333,10 @@ def cmd_reproduce(args) -> int:
         keep_going=not args.stop_on_error,
         log_output=args.log_output,
     )
-    print(f"report: {result['report']} ({result['seconds'] / 60:.1f} min)")
+    log.info("report: %s (%.1f min)", result["report"], result["seconds"] / 60)
     for r in result["notebooks"]:
         if not r["ok"]:
-            print(f"amp reproduce: {r['name']} failed in {r['error']}; see {r['executed']}", file=sys.stderr)
+            log.error("reproduce: %s failed in %s; see %s", r["name"], r["error"], r["executed"])
     return 0 if result["ok"] else 1
 
 
@@ -285,7 +360,7 @@ def _add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/checkpoint.pt")
     _add_overwrite(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=0)
+    _add_workers(p)
     p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available")
     p.add_argument(
         "--sharding",
@@ -346,11 +421,50 @@ def cmd_distill(args) -> None:
             "wall_time_s": result["wall_time_s"],
         }
         student.info.setdefault("base_model", teacher_spec)
-        api.save_pruned(student, out, overwrite=args.overwrite or args.resume, keep=[CHECKPOINTS], distill=provenance)
+        api.save_pruned(
+            student,
+            out,
+            overwrite=args.overwrite or args.resume,
+            keep=[CHECKPOINTS],
+            distill=provenance,
+            **hub.command_provenance(student.info),
+        )
         print(
             f"distilled {args.steps} steps: loss {result['history'][0]['loss']:.5g} -> {result['final_loss']:.5g}, "
             f"{result['images_per_s']:.1f} images/s; model written to {out}"
         )
+
+
+def _evaluation(directory: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """The evaluation beside a pruned model (amp demo's report.json, with intervals) as Markdown, and its settings."""
+    file = directory / "report.json"
+    report = json.loads(file.read_text()) if file.is_file() else None
+    if not isinstance(report, dict) or "intervals" not in report:
+        return None, None  # none, or another tool's report: the card says it has no evaluation
+    return markdown(report), report.get("config")
+
+
+def cmd_push(args) -> None:
+    """Upload a pruned model with its generated model card (``--dry-run``: show the files and the card only)."""
+    directory = Path(args.model_dir)
+    backbone = api.load_pruned(directory, device="meta")  # checks the directory; the card needs shapes only
+    evaluation, config = _evaluation(directory)
+    card = hub.model_card(backbone, evaluation, repo_id=args.repo_id, config=config)
+    if args.dry_run:
+        for op in hub.commit_operations(directory, card):
+            print(f"{op.path_in_repo:<20} {op.upload_info.size:>12} bytes")
+        print(card)
+        return
+    commit = hub.push(
+        directory,
+        args.repo_id,
+        card,
+        revision=args.revision,
+        private=args.private or None,
+        create_pr=args.create_pr,
+        commit_message=args.message,
+    )
+    print(f"{directory} pushed to {commit.commit_url}; load it with amp.load_model('hf-hub:{args.repo_id}')")
 
 
 def _add_overwrite(p: argparse.ArgumentParser) -> None:
@@ -358,12 +472,20 @@ def _add_overwrite(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    debug = argparse.ArgumentParser(add_help=False)  # --debug before or after the subcommand
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
-    parser = argparse.ArgumentParser(prog="amp", description="Adaptive MLP Pruning of vision transformers")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add = functools.partial(sub.add_parser, parents=[debug])
+    debug = argparse.ArgumentParser(add_help=False)  # --debug, -v, -q before or after the subcommand
+    parser = argparse.ArgumentParser(
+        prog="amp",
+        description="Adaptive MLP Pruning of vision transformers",
+        epilog="example: amp demo   (the whole job offline; amp <command> --help for each command)",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    for p, default in ((debug, argparse.SUPPRESS), (parser, None)):
+        p.add_argument("--debug", action="store_true", default=default or False, help="show tracebacks of errors")
+        p.add_argument("-v", "--verbose", action="count", default=default or 0, help="more log output (-vv: debug)")
+        p.add_argument("-q", "--quiet", action="count", default=default or 0, help="less log output (-qq: errors)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    add = functools.partial(sub.add_parser, parents=[debug], formatter_class=_HelpFormatter)
 
     p = add("info", help="parameters and FLOPs, with the MLP share")
     _add_model(p)
@@ -437,21 +559,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", help="the unpruned model, for fidelity and speed-up")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-images", type=int, default=None)
+    _add_workers(p)
     p.add_argument("--out", help="write the report as JSON here")
     p.set_defaults(func=cmd_eval)
 
     p = add("demo", help="the main job: score, search, prune, evaluate and report (offline default)")
     p.add_argument("--model", default="zoo:tiny-clip")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_device(p)
+    _add_workers(p)
     p.add_argument("--data", help="scoring data (default: captioned Fashion-MNIST, train subset)")
     p.add_argument("--val-data", help="search data (default: --data, or the captioned validation subset)")
     _add_criterion(p)
-    p.add_argument("--threshold", type=float, default=PipelineConfig.threshold)
+    p.add_argument("--threshold", type=float, default=DEMO_DEFAULTS["threshold"])
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--round-to", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--score-images", type=int, default=PipelineConfig.score_images)
-    p.add_argument("--val-images", type=int, default=PipelineConfig.val_images)
+    p.add_argument("--score-images", type=int, default=DEMO_DEFAULTS["score_images"])
+    p.add_argument("--val-images", type=int, default=DEMO_DEFAULTS["val_images"])
     p.add_argument("--eval-images", type=int, default=None)
     p.add_argument("--classification", default="fashion-mnist:test-subset", help="labelled eval data, or none")
     p.add_argument("--retrieval", default="fmnist-captions:test-subset", help="captioned eval data, or none")
@@ -460,6 +584,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     _add_overwrite(p)
     p.set_defaults(func=cmd_demo)
+
+    p = add("push", help="upload a pruned model to the Hugging Face Hub with a generated model card")
+    p.add_argument("model_dir", help="pruned model directory (from amp prune, demo or distill)")
+    p.add_argument("repo_id", help="Hub repository <user or organisation>/<name>, created if missing")
+    p.add_argument("--revision", help="branch to commit to (default: main)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--message", help="commit message")
+    p.add_argument("--dry-run", action="store_true", help="print the files and the model card; upload nothing")
+    p.set_defaults(func=cmd_push)
     return parser
 
 
@@ -472,11 +606,63 @@ def _one_line(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+def _finish_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Each command's example (:data:`EXAMPLES`) as the epilog of its --help, and a default shown for every option
+    that has one but no help text (argparse prints nothing at all for those)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        command.epilog = f"example:\n  {EXAMPLES[name]}" if name in EXAMPLES else None
+        for action in command._actions:
+            if action.help is None and not _no_default(action):
+                action.help = "default: %(default)s"
+    return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to the ``sys.stderr`` of the moment (one replaced since, e.g. by pytest, is never stale)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _configure_output(verbose: int, quiet: int) -> None:
+    """Log to stderr at INFO (``-v`` DEBUG, ``-q`` WARNING, ``-qq`` ERROR); ranks other than 0 log errors only."""
+    level = min(max(logging.INFO + 10 * (quiet - verbose), logging.DEBUG), logging.ERROR)
+    if distributed.rank() != 0:
+        level = logging.ERROR
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("amp: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _stdout_of_this_rank() -> Iterator[None]:
+    """stdout as it is on rank 0, /dev/null on the others (every rank computes the same results; one prints them)."""
+    if distributed.rank() == 0:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _finish_help(build_parser()).parse_args(argv)
+    _import_library()
+    if getattr(args, "device", None) == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     distributed.init_from_env()  # a no-op unless started by torchrun
+    _configure_output(args.verbose, args.quiet)
+    if getattr(args, "num_workers", None) is not None:
+        set_num_workers(args.num_workers)  # every loader the library makes for this command
     try:
-        status = args.func(args)
+        with hub.running_command(sys.argv[1:] if argv is None else argv), _stdout_of_this_rank():
+            status = args.func(args)  # (the exact command is recorded for provenance)
     except KeyboardInterrupt:
         if args.debug:
             traceback.print_exc()

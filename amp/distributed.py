@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from amp.criteria import Criterion, GlobalRows
 from amp.data import collate
+from amp.data import num_workers as default_workers
 
 __all__ = [
     "GlobalCriterion",
@@ -328,12 +329,14 @@ def sharded(
     seed: int = 0,
     shuffle: bool = True,
     drop_last: bool = False,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
 ) -> DataLoader:
     """A loader giving this rank its slice of each *global* batch of ``batch_size`` (see
     :class:`ShardedBatchSampler`): never a duplicated or padded sample, and the same global batches
-    for any number of processes. ``rank``/``world_size`` default to the process group's."""
+    for any number of processes. ``rank``/``world_size`` default to the process group's, ``num_workers`` to
+    :func:`amp.data.num_workers`."""
     sampler = ShardedBatchSampler(len(dataset), batch_size, seed, shuffle, drop_last, rank, world_size)  # type: ignore[arg-type]
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate)
+    workers = default_workers() if num_workers is None else num_workers
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate)

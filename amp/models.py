@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from amp.adapters import ADAPTERS, BackboneAdapter, ModelSpecError, adapter_for, adapter_named
+from amp.hub import HUB_PREFIX, snapshot
 from amp.io import FileFormatError, atomic_write, safetensors_header, versions, write_dir, write_json
 from amp.surgery import set_width
 
@@ -276,10 +278,15 @@ def _read_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
 def load_pruned(path: str | Path, device: str = "cpu") -> Backbone:
     """Rebuild a model saved by :func:`save_pruned`, with the dense model's preprocessing (``meta``: shapes only).
 
-    amp.json and model.safetensors are checked where they enter: the format version and schema, a truncated or
-    foreign weights file, widths that do not match the tensors; each refusal names the file.
+    ``path`` is a directory or ``hf-hub:<repo id>[@<revision>]`` (a model pushed by ``amp push``, read from the local
+    Hub cache, downloaded there once; see :mod:`amp.hub`). amp.json and model.safetensors are checked where they
+    enter: the format version and schema, a truncated or foreign weights file, widths that do not match the tensors;
+    each refusal names the file.
     """
-    path = Path(path)
+    register_zoo()
+    from_hub = str(path).startswith(f"{HUB_PREFIX}:") and not Path(path).is_dir()
+    spec = str(path) if from_hub else str(Path(path))
+    path = snapshot(spec) if from_hub else Path(path)
     if not (path / META_FILE).is_file() or not (path / MODEL_FILE).is_file():
         raise ModelSpecError(f"{path} is not a pruned amp model (expected {MODEL_FILE} and {META_FILE})")
     meta = _read_meta(path)
@@ -288,13 +295,20 @@ def load_pruned(path: str | Path, device: str = "cpu") -> Backbone:
     model = build_with_weights(meta["arch"], tensors, meta["widths"], source=source)
     info = {k: v for k, v in meta.items() if k not in {"arch", "format", "versions"}}
     info["pruned_path"] = str(path)
-    return backbone_from(model, meta["arch"], str(path), info)
+    return backbone_from(model, meta["arch"], spec, info)
 
 
 # --- models by name ---------------------------------------------------------------------------------
 
 # name sources other than the backbone families (the offline zoo registers ``zoo``): (rest, device, **kwargs)
 SOURCES: dict[str, Callable[..., Backbone]] = {}
+
+
+def register_zoo() -> None:
+    """Import :mod:`amp.zoo`, which registers ``zoo:`` and its families. ``import amp`` is lazy (a fast ``amp
+    --help``), so a caller of ``amp.models`` alone may not have; a function-level import because amp.zoo imports us."""
+    import_module("amp.zoo")
+    import_module("amp.hf")  # registers hf: and the transformers families (transformers is imported on first use)
 
 
 def register_source(prefix: str, loader: Callable[..., Backbone]) -> None:
@@ -308,14 +322,15 @@ def load_model(spec: str, device: str = "cpu", pretrained: bool = True, **kwargs
     ``pretrained=False`` builds a tagged model without its weights but with the tag's preprocessing
     (``timm:vit_small_patch16_224.dino``, ``open_clip:ViT-L-14:laion2b_s32b_b82k``): offline, random init.
     """
-    if Path(spec).is_dir():
+    register_zoo()
+    if Path(spec).is_dir() or spec.startswith(f"{HUB_PREFIX}:"):
         return load_pruned(spec, device)
     prefix, sep, rest = spec.partition(":")
     families = [adapter.family for adapter in ADAPTERS]
     if not sep or (prefix not in SOURCES and prefix not in families):
         raise ModelSpecError(
             f"cannot resolve model {spec!r}: expected one of "
-            + ", ".join(f"'{p}:...'" for p in [*families, *SOURCES])
+            + ", ".join(f"'{p}:...'" for p in [*families, *SOURCES, HUB_PREFIX])
             + " or the directory of a pruned model"
         )
     if not rest:

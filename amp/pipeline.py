@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from amp import api
+from amp import api, hub
 from amp.evaluation import EvalRow, EvalSuite
 from amp.io import atomic_write, check_output_dir, write_dir, write_json
 from amp.models import write_pruned
@@ -115,7 +115,8 @@ def run(config: PipelineConfig, out: str | Path, progress: bool = True, overwrit
 
         def write(tmp: Path) -> None:
             write_json(tmp / "search.json", search)
-            write_pruned(pruned, tmp, search=search["config"], scores=scores.meta)
+            commands = hub.command_provenance(pruned.info)  # the amp demo command line, for the model card
+            write_pruned(pruned, tmp, search=search["config"], scores=scores.meta, **commands)
 
         write_dir(out, write, overwrite=overwrite, keep=RUN_FILES)
     suite = EvalSuite(
@@ -151,6 +152,8 @@ def run(config: PipelineConfig, out: str | Path, progress: bool = True, overwrit
     }
     write_json(out / "report.json", report)
     atomic_write(out / "REPORT.md", lambda tmp: tmp.write_text(markdown(report)))
+    # the card amp push uploads, from the saved model (its amp.json: base, widths, commands) on meta: no weights read
+    hub.write_model_card(out, api.load_pruned(out, device="meta"), markdown(report), config=report["config"])
     return report
 
 

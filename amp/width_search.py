@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,8 @@ from amp.recovery import METHODS as COMPENSATIONS
 from amp.recovery import calibration_stats, slice_and_compensate
 from amp.scoring import Scores, check_scores_for, weights_identity
 from amp.surgery import snapshot
+
+logger = logging.getLogger(__name__)
 
 RULES = ("increase", "absolute")
 REFERENCES = ("previous", "dense")
@@ -358,18 +361,42 @@ def _resume(state_path, config, sites, cut, dense_loss) -> dict[str, Any]:
     return state
 
 
-def materialise(loader: Iterable, max_images: int | None = None) -> list[tuple[torch.Tensor, Any]]:
-    """The validation batches in memory, so every probe sees the same images in the same batches."""
+def materialise(
+    loader: Iterable, max_images: int | None = None, progress: bool = True
+) -> list[tuple[torch.Tensor, Any]]:
+    """The validation batches in memory, so every probe sees the same images in the same batches.
+
+    In memory by design, not streamed: the search runs the same images once per probe (``steps`` per MLP, i.e.
+    hundreds of passes for a ViT-g), so streaming would decode every JPEG hundreds of times, and the probes must
+    see bit-identical batches. What is held is only what the search uses: reading stops at the batch that reaches
+    ``max_images`` (pick a few thousand images: the size is logged), and the images are the model's input tensors.
+    """
     check_option("max_images", max_images, 1, integer=True, optional=True)
-    batches, seen = [], 0
-    for images, targets in loader:
-        if max_images is not None and seen >= max_images:
-            break
-        batches.append((images, targets))
-        seen += len(images)
+    batches, seen, held = [], 0, 0
+    size = _length(loader) if distributed.world_size() == 1 else None  # a rank reads only its slice of the data set
+    total = min(size, max_images) if size is not None and max_images is not None else size or max_images
+    bar = tqdm(total=total, desc="validation images", unit="img", disable=not progress or distributed.rank() != 0)
+    with bar:
+        for images, targets in loader:
+            batches.append((images, targets))
+            seen += len(images)
+            held += images.element_size() * images.nelement()
+            bar.update(len(images))
+            if max_images is not None and seen >= max_images:  # stop before decoding another batch
+                break
     if not batches:
         raise ValueError("the validation data set yielded no images")
+    logger.info("validation set in memory: %d images in %d batches, %.1f MB", seen, len(batches), held / 2**20)
     return batches
+
+
+def _length(loader: Iterable) -> int | None:
+    """The number of images a loader yields, where it knows (for the progress bar), else None."""
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+    except TypeError:  # an iterable-style data set
+        return None
 
 
 def apply_widths(

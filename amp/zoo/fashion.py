@@ -122,7 +122,16 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-COMMITTED_DIR = Path(__file__).resolve().parents[2] / "data" / "fashion-mnist"  # the subset and the full test set
+
+
+def shipped_dir(name: str) -> Path:
+    """``<repo>/data/<name>`` in a checkout, else the copy a wheel installs as ``amp/_data/<name>`` (pyproject.toml)."""
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent / "data" / name
+    return checkout if checkout.is_dir() else package / "_data" / name
+
+
+COMMITTED_DIR = shipped_dir("fashion-mnist")  # the subset and the full test set
 SUBSET_FILE = COMMITTED_DIR / "fashion-mnist-subset.npz"
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -22,7 +22,7 @@ import torch
 
 from amp.adapters import OpenClipAdapter, quiet_open_clip
 from amp.models import Backbone, ModelSpecError, backbone_from
-from amp.zoo.fashion import fashion_transform
+from amp.zoo.fashion import fashion_transform, shipped_dir
 
 ARCH = "amp-tiny-clip"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -34,9 +34,9 @@ open_clip.add_model_config(CONFIG_DIR)
 
 
 def zoo_dir() -> Path:
-    """``$AMP_ZOO_DIR`` or ``<repo>/data/zoo``."""
+    """``$AMP_ZOO_DIR``, or ``<repo>/data/zoo`` (in an installed wheel: ``amp/_data/zoo``)."""
     env = os.environ.get("AMP_ZOO_DIR")
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "data" / "zoo"
+    return Path(env).expanduser() if env else shipped_dir("zoo")
 
 
 def sha256_file(path: str | Path) -> str:
