@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from amp.stats import paired_difference
+
 # --- where things are --------------------------------------------------------------------------------------
 
 
@@ -142,6 +144,21 @@ def rank_correlations(scores: Mapping[str, Any], pairs) -> Any:
 # --- notebook 03: the probes of one AMP search ----------------------------------------------------------------------
 
 
+def _symlog_ticks(values, threshold: float) -> list[float]:
+    """Ticks for a symlog axis around Δ: 0, Δ/4 (the linear part's edge), then ±Δ·10^k up to the data's range."""
+    values = np.asarray(values, dtype=float)
+    ticks, step = [0.0, threshold / 4], threshold
+    high, low = max(float(values.max()), threshold), float(values.min())
+    while step <= high * 10:
+        ticks.append(step)
+        step *= 10
+    step = threshold
+    while low < -threshold / 4 and step <= -low * 10:
+        ticks.insert(0, -step)
+        step *= 10
+    return ticks
+
+
 def plot_probe_traces(probes, widths: list[int], dense_widths: list[int], threshold: float):
     """One panel per layer of an ``amp.search``: each probe's width and loss − reference (``probes["change"]``),
     filled when it passed the rule, open when not, numbered in probe order; dashed: Δ, vertical: the width kept."""
@@ -153,6 +170,7 @@ def plot_probe_traces(probes, widths: list[int], dense_widths: list[int], thresh
     cols = min(layers, math.ceil(math.sqrt(1.5 * layers)))
     rows = math.ceil(layers / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows), sharey=True, squeeze=False)
+    ticks = _symlog_ticks(probes["change"], threshold)
     for layer, ax in enumerate(axes.flat):
         if layer >= layers:
             ax.axis("off")
@@ -169,6 +187,8 @@ def plot_probe_traces(probes, widths: list[int], dense_widths: list[int], thresh
         ax.set_xlim(0, dense_widths[layer])
         ax.set_title(f"layer {layer}: {widths[layer]}/{dense_widths[layer]}", fontsize=9)
         ax.set_yscale("symlog", linthresh=threshold / 4)
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        ax.grid(axis="y", alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel("loss − reference")
     for ax in axes[-1]:
@@ -176,3 +196,132 @@ def plot_probe_traces(probes, widths: list[int], dense_widths: list[int], thresh
     fig.suptitle(f"AMP probes, Δ = {threshold:g} (numbers: probe order)")
     fig.tight_layout()
     return fig
+
+
+# --- intervals and comparisons in tables and sentences --------------------------------------------------------
+
+
+def with_interval(row, metric: str, label: str | None = None, dataset: str | None = None) -> dict[str, float]:
+    """``{label: value, "<label> lo": ..., "<label> hi": ...}``: a metric with its 95 % interval, for a table row."""
+    label = label or metric
+    low, high = row.interval(metric, dataset)
+    return {label: row.value(metric, dataset), f"{label} lo": low, f"{label} hi": high}
+
+
+def compare(row_a, row_b, metric: str, dataset: str | None = None):
+    """The paired difference ``row_b − row_a`` on the same items (:func:`amp.stats.paired_difference`)."""
+    return paired_difference(row_a, row_b, metric, dataset)
+
+
+def verdict(row_a, row_b, metric: str, dataset: str | None = None) -> str:
+    """One generated sentence: ``b`` is higher/lower than ``a`` (interval excludes 0), or no difference measured."""
+    return compare(row_a, row_b, metric, dataset).verdict
+
+
+def mean_and_spread(values) -> str:
+    """``"0.473 ± 0.012 (n=3)"``: mean and standard deviation over seeds, for sentences."""
+    array = np.asarray(list(values), dtype=float)
+    spread = array.std(ddof=1) if len(array) > 1 else float("nan")
+    return f"{array.mean():.3f} ± {spread:.3f} (n={len(array)})"
+
+
+# --- notebook 06: k-NN for several k and the cosine to the dense model, from one embedding per model ----------------
+
+
+class KnnBench:
+    """The DINOv2 k-NN protocol for every ``k`` in ``ks`` and each query's cosine to the dense embedding, as one
+    :class:`amp.evaluation.EvalRow` per model (metrics ``knn_top1 (k=K)`` and ``fidelity_cosine``, with per-query
+    outcomes for intervals and paired tests).
+
+    The first ``train_images`` of ``train`` are the neighbours, the first ``test_images`` of ``test`` the queries,
+    loaded once (in order) through the dense model's transform, which its pruned copies share. Each model embeds
+    each set once; every k and the cosine reuse those embeddings (an :class:`amp.EvalSuite` per k would embed the
+    queries again for the cosine). The dense model's query embeddings are kept from its own row.
+    """
+
+    def __init__(self, dense, train: str, test: str, train_images: int | None = None, test_images: int | None = None,
+                 ks=(10, 20), temperature: float = 0.07, batch_size: int = 32, device: str = "cpu"):  # fmt: skip
+        from amp.data import load_dataset, make_loader
+        from amp.evaluation import first_items
+
+        self.dense, self.ks, self.temperature, self.device = dense, list(ks), temperature, device
+        self.names, self.batches, self.images, self.classes = {"train": train, "test": test}, {}, {}, None
+        for role, spec, cap in (("train", train, train_images), ("test", test, test_images)):
+            dataset = first_items(load_dataset(spec, dense.preprocess), cap)
+            self.batches[role], self.images[role] = list(make_loader(dataset, batch_size, shuffle=False)), len(dataset)
+            self.classes = self.classes or len(getattr(dataset, "classes", None) or []) or None
+        self.dense_queries = None
+
+    def measure(self, backbone, name: str | None = None):
+        """Size, k-NN top-1 per k and (other than the dense model) the per-query cosine to the dense embedding."""
+        from amp.accounting import model_stats
+        from amp.evaluation import EvalRow, cosines, embed_dataset, knn_hits
+
+        project = backbone.is_clip
+        embedded = {role: embed_dataset(backbone, batches, project=project, device=self.device, progress=False)
+                    for role, batches in self.batches.items()}  # fmt: skip
+        (train, train_labels), (test, test_labels) = embedded["train"], embedded["test"]
+        row, size = EvalRow(name or backbone.spec), model_stats(backbone)
+        row.metrics.update(params_M=size.params / 1e6, mlp_params_M=size.mlp_params / 1e6, gflops=size.flops / 1e9)
+        for k in self.ks:
+            hits = knn_hits(train, train_labels, test, test_labels, k, self.temperature, self.classes)["top1"]
+            row.add(f"knn_top1 (k={k})", hits, self.names["test"])
+        if backbone is self.dense:
+            self.dense_queries = test
+        else:
+            if self.dense_queries is None:
+                self.dense_queries = embed_dataset(self.dense, self.batches["test"], project=project,
+                                                   device=self.device, progress=False)[0]  # fmt: skip
+            row.add("fidelity_cosine", cosines(self.dense_queries, test), self.names["test"])
+        return row
+
+
+def compare_metrics(row, metric_a: str, metric_b: str, label: str | None = None):
+    """The paired difference ``metric_b − metric_a`` of one row (e.g. k-NN at k=20 vs k=10 on the same queries),
+    named ``"<row> <metric>"``; :func:`amp.stats.paired_difference` on the per-item outcomes."""
+    from amp.evaluation import EvalRow
+
+    label = label or f"{metric_a} vs {metric_b}"
+    a, b = EvalRow(f"{row.name} {metric_a}"), EvalRow(f"{row.name} {metric_b}")
+    a.add(label, row.outcome(metric_a))
+    b.add(label, row.outcome(metric_b))
+    return paired_difference(a, b, label)
+
+
+def interval_text(row, metric: str, digits: int = 3, dataset: str | None = None) -> str:
+    """``"0.812 [0.787, 0.835]"``: a metric with its 95 % interval, for generated sentences."""
+    low, high = row.interval(metric, dataset)
+    return f"{row.value(metric, dataset):.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+# --- notebooks 03-05: a pair-level mean recall, paired verdicts as table rows, error bars from a table --------------
+
+
+def add_mean_recall(row, k: int = 1, dataset: str | None = None) -> None:
+    """Adds ``mean_R@k`` to ``row``: per image, the mean of its image→text hit and of its captions' text→image hits
+    (captions in image order, the same number per image, as the retrieval sets give them), so intervals and paired
+    tests resample whole images with their captions. On several retrieval sets, name the ``dataset``."""
+    key = row.key(f"i2t_R@{k}", dataset)
+    i2t, t2i = row.outcome(f"i2t_R@{k}", dataset).float(), row.outcome(f"t2i_R@{k}", dataset).float()
+    if len(t2i) % len(i2t):
+        raise ValueError(f"mean_R@{k} needs the same number of captions per image: {len(i2t)} images, {len(t2i)} texts")
+    per_image = (i2t + t2i.reshape(len(i2t), -1).mean(dim=1)) / 2
+    row.add(f"mean_R@{k}", per_image, row.datasets.get(key, dataset), qualify="/" in key)
+
+
+def paired_row(row_a, row_b, metric: str, label: str | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """One table row of the paired difference ``row_b − row_a``: Δ, its 95 % interval, p-value and the verdict
+    word (``higher``/``lower``/``no difference measured``)."""
+    diff = compare(row_a, row_b, metric, dataset)
+    word = "no difference measured" if not diff.significant else ("higher" if diff.difference > 0 else "lower")
+    return {"metric": label or metric, "a": diff.name_a, "b": diff.name_b, "b − a": diff.difference,
+            "b − a lo": diff.low, "b − a hi": diff.high, "p": diff.p_value, "test": diff.test, "items": diff.items,
+            "verdict": word}  # fmt: skip
+
+
+def error_bars(df, column: str):
+    """``(2, n)`` distances from ``df[column]`` to ``df["<column> lo"]`` and ``df["<column> hi"]``, for
+    ``matplotlib``'s ``errorbar(yerr=...)`` (never negative: a float32 mean can sit a hair outside its interval)."""
+    values = df[column].to_numpy(dtype=float)
+    low, high = df[f"{column} lo"].to_numpy(dtype=float), df[f"{column} hi"].to_numpy(dtype=float)
+    return np.clip(np.vstack([values - low, high - values]), 0, None)

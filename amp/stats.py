@@ -131,8 +131,10 @@ class PairedDifference:
 
     @property
     def significant(self) -> bool:
-        """The interval excludes 0: a difference was measured at this confidence."""
-        return not self.low <= 0.0 <= self.high
+        """A difference was measured at this confidence: the interval excludes 0 *and* the test's p-value is below
+        1 − confidence. The two usually agree; where they do not (a bootstrap interval that just misses 0 beside an
+        exact McNemar p of 0.055), the claim is not made."""
+        return not self.low <= 0.0 <= self.high and self.p_value < 1 - self.confidence
 
     def _show(self, value: float) -> str:
         return f"{100 * value:+.1f}" if self.proportion else f"{value:+.4f}"

@@ -25,16 +25,19 @@ NOTEBOOKS = rp.notebook_paths()
 EXPECTED = {
     "01_mlp_parameter_share": (["01_mlp_share"], ["01_mlp_share"]),
     "02_importance_criteria": (
-        ["02_criteria_quality", "02_rank_correlation"],
-        ["02_criteria_quality", "02_rank_correlation"],
+        ["02_criteria_quality", "02_paired", "02_rank_correlation", "02_search", "02_seeds"],
+        ["02_criteria_quality", "02_rank_correlation", "02_score_distribution", "02_search", "02_seeds"],
     ),
     "03_adaptive_search": (
-        ["03_threshold_sweep", "03_widths", "03_rules"],
-        ["03_probe_traces", "03_widths", "03_tradeoff"],
+        ["03_threshold_sweep", "03_widths", "03_rules", "03_paired", "03_seeds"],
+        ["03_probe_traces", "03_widths", "03_tradeoff", "03_criterion_vs_width"],
     ),
-    "04_zero_shot_classification": (["04_zero_shot", "04_widths"], ["04_widths", "04_zero_shot"]),
-    "05_retrieval": (["05_retrieval"], ["05_retrieval"]),
-    "06_dinov2": (["06_dinov2_knn"], ["06_dinov2"]),
+    "04_zero_shot_classification": (
+        ["04_zero_shot", "04_widths", "04_paired"],
+        ["04_widths", "04_zero_shot", "04_distill_loss"],
+    ),
+    "05_retrieval": (["05_retrieval", "05_paired"], ["05_retrieval"]),
+    "06_dinov2": (["06_dinov2_knn", "06_dinov2_paired"], ["06_dinov2"]),
     "07_new_backbone": (["07_new_backbone"], ["07_new_backbone_widths"]),
 }
 
@@ -288,7 +291,14 @@ def _missing_weights() -> str | None:
 
 
 def _fractions(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if re.search(r"top-1|R@\d|^Avg$|^Fashion-MNIST$", str(c))]
+    """Numeric columns holding an accuracy or a recall (or its interval bounds); differences are named "b − a"."""
+    return [
+        c
+        for c in df.columns
+        if re.search(r"top-1|R@\d|^Avg$|^Fashion-MNIST$", str(c))
+        and "−" not in str(c)
+        and pd.api.types.is_numeric_dtype(df[c])
+    ]
 
 
 @pytest.mark.slow
@@ -301,6 +311,17 @@ def test_cpu_profile_reproduces(tmp_path: Path):
     assert result["ok"], failed
     figures = tmp_path / "figures"
     assert result["figures"] == str(figures)  # a run elsewhere never touches the committed figures/
+    check_rendered(tmp_path, figures)
+    print(json.dumps({r["name"]: round(r["seconds"]) for r in result["notebooks"]}))
+
+
+def test_committed_cpu_results_pass_the_same_checks():
+    """The rendered results/cpu and figures/ in the repository are a complete, consistent run of the profile."""
+    check_rendered(helpers.project_root() / "results" / "cpu", helpers.project_root() / "figures")
+
+
+def check_rendered(tmp_path: Path, figures: Path) -> None:
+    """What a complete cpu-profile run must have written to ``tmp_path`` (tables, report) and ``figures``."""
     report = (tmp_path / "REPORT.md").read_text()
     for name, (tables, figs) in EXPECTED.items():
         assert (tmp_path / "executed" / f"{name}.ipynb").is_file()
@@ -334,4 +355,3 @@ def test_cpu_profile_reproduces(tmp_path: Path):
     assert share["MLP share of params"].between(0.5, 0.9).all()
     timings = pd.read_csv(tmp_path / "timings.csv")
     assert len(timings) == len(EXPECTED)
-    print(json.dumps({r["name"]: round(r["seconds"]) for r in result["notebooks"]}))

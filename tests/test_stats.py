@@ -111,3 +111,12 @@ def test_paired_test_needs_the_same_items():
         paired_difference(row("a", "m", [True, False]), row("b", "m", [True]), "m")
     with pytest.raises(ValueError, match="unknown interval method"):
         interval([True, False], method="normal")
+
+
+def test_no_verdict_when_the_interval_and_the_exact_test_disagree():
+    from amp.stats import PairedDifference
+
+    borderline = PairedDifference("top-1", "a", "b", 0.003, 0.0001, 0.0059, 0.055, "exact McNemar", 10_000)
+    assert not borderline.significant and "no difference measured" in borderline.verdict
+    clear = PairedDifference("top-1", "a", "b", 0.003, 0.0011, 0.0059, 0.004, "exact McNemar", 10_000)
+    assert clear.significant and "b is higher than a" in clear.verdict
