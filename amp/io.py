@@ -284,3 +284,18 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return found
+
+
+# --- where the project is -----------------------------------------------------------------------------------
+
+
+def project_root() -> Path:
+    """The checkout that holds ``amp/`` and ``notebooks/`` (else the working directory)."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "notebooks").is_dir() else Path.cwd()
+
+
+def resolve(path: str | Path) -> Path:
+    """``path`` as is when absolute, else relative to the project root (notebooks run from ``notebooks/`` too)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else project_root() / path

@@ -12,21 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from amp.io import project_root, resolve  # noqa: F401  the notebooks take them from here
 from amp.stats import paired_difference
 
 # --- where things are --------------------------------------------------------------------------------------
-
-
-def project_root() -> Path:
-    """The checkout that holds ``amp/`` and ``notebooks/`` (else the working directory)."""
-    root = Path(__file__).resolve().parents[1]
-    return root if (root / "notebooks").is_dir() else Path.cwd()
-
-
-def resolve(path: str | Path) -> Path:
-    """``path`` as is when absolute, else relative to the project root (notebooks run from ``notebooks/`` too)."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else project_root() / path
 
 
 # --- data, tables and figures ------------------------------------------------------------------------------

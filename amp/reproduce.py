@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from amp.notebook import resolve
+from amp.io import resolve
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 PROFILES = tuple(sorted(p.stem for p in PROFILE_DIR.glob("*.json")))
