@@ -578,41 +578,49 @@ class TimmAdapter(BackboneAdapter):
 
 
 class OpenClipTimmAdapter(OpenClipModels, TimmAdapter):
-    """open_clip CLIP whose image tower is a timm trunk (``TimmModel``: open_clip's EVA02-CLIP configs, ...)."""
+    """open_clip CLIP whose image tower is a timm trunk (``TimmModel``: open_clip's EVA02-CLIP configs, ...).
+
+    Its methods take the whole CLIP or its image tower alone (distillation trains the tower by itself)."""
 
     family = "open_clip_timm"
 
+    @staticmethod
+    def _is_tower(module: nn.Module | None) -> bool:
+        return type(module).__name__ == "TimmModel"
+
     def matches(self, model: nn.Module) -> bool:
         visual = getattr(model, "visual", None)
-        return type(visual).__name__ == "TimmModel" and TimmAdapter.matches(self, getattr(visual, "trunk", None))
+        return self._is_tower(visual) and TimmAdapter.matches(self, getattr(visual, "trunk", None))
 
     def vision(self, model: nn.Module) -> nn.Module:
-        return model.visual
+        return model if self._is_tower(model) else model.visual
 
     def blocks(self, model: nn.Module) -> nn.Sequential | nn.ModuleList:
-        return model.visual.trunk.blocks
+        return self.vision(model).trunk.blocks
 
     def block_prefix(self, model: nn.Module) -> str:
-        return "visual.trunk.blocks"
+        return "trunk.blocks" if self._is_tower(model) else "visual.trunk.blocks"
 
     def embed(self, model: nn.Module, images: torch.Tensor, project: bool = False) -> torch.Tensor:
+        tower = self.vision(model)
         if project:
-            return model.visual(images)
-        return TimmAdapter.embed(self, model.visual.trunk, images, project=False)
+            return tower(images)
+        return TimmAdapter.embed(self, tower.trunk, images, project=False)
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
-        return (3, *model.visual.image_size)
+        return (3, *self.vision(model).image_size)
 
     def has_projection(self, model: nn.Module) -> bool:
         return True
 
     def prefix_tokens(self, model: nn.Module) -> int:
-        return TimmAdapter.prefix_tokens(self, model.visual.trunk)
+        return TimmAdapter.prefix_tokens(self, self.vision(model).trunk)
 
     def head_parameter_names(self, model: nn.Module) -> list[str]:
         """The trunk's final norm / fc_norm (its own head is reset) and open_clip's head projection."""
-        trunk = [f"trunk.{name}" for name in TimmAdapter.head_parameter_names(self, model.visual.trunk)]
-        return trunk + [name for name, _ in model.visual.head.named_parameters(prefix="head")]
+        tower = self.vision(model)
+        trunk = [f"trunk.{name}" for name in TimmAdapter.head_parameter_names(self, tower.trunk)]
+        return trunk + [name for name, _ in tower.head.named_parameters(prefix="head")]
 
 
 # --- the registry: a list of adapters, tried in order -------------------------------------------

@@ -14,7 +14,7 @@ from amp.accounting import model_stats
 from amp.adapters import BackboneAdapter, MLPSite, register_backbone
 from amp.criteria import Criterion, build_criterion, check_batch_size
 from amp.data import check_option, load_dataset, make_loader
-from amp.distill import distill, train_transform
+from amp.distill import augment_name, distill, train_transform
 from amp.evaluation import EvalSuite, evaluate, zero_shot_classifier
 from amp.io import write_json as _write_json
 from amp.models import Backbone, load_model, load_pruned, save_pruned
@@ -100,8 +100,14 @@ def score(
     signed: bool = False,
     device: str | None = None,
     checkpoint: bool = False,
+    chunk_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> Scores:
-    """Importance of every MLP hidden unit: ``taylor`` under a criterion, or the ``magnitude``/``random`` baselines."""
+    """Importance of every MLP hidden unit: ``taylor`` under a criterion, or the ``magnitude``/``random`` baselines.
+
+    ``batch_size`` is the criterion's (global) batch; ``chunk_size`` runs it through the model that many images at a
+    time with the same scores (:func:`amp.scoring.taylor_scores`); ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs
+    the model under autocast, the criterion in fp32."""
     if method == "magnitude":
         return magnitude_scores(backbone)
     if method == "random":
@@ -116,7 +122,16 @@ def score(
     )
     _check_criterion_data(crit, data, batch_size, name)
     scores = taylor_scores(
-        backbone, data, crit, signed=signed, max_images=max_images, device=device, checkpoint=checkpoint, data_name=name
+        backbone,
+        data,
+        crit,
+        signed=signed,
+        max_images=max_images,
+        device=device,
+        checkpoint=checkpoint,
+        data_name=name,
+        chunk_size=chunk_size,
+        autocast_dtype=autocast_dtype,
     )
     scores.meta["data"] = name
     return scores
@@ -135,9 +150,16 @@ def search(
     max_images: int | None = None,
     seed: int = 0,
     device: str | None = None,
+    chunk_size: int | None = None,
+    cache_gb: float = 4.0,
+    autocast_dtype: torch.dtype | None = None,
     **amp_options: Any,
 ) -> dict[str, Any]:
-    """Choose widths (``amp`` bisection, or ``uniform``/``global`` at ``ratio``) and prune ``backbone`` in place."""
+    """Choose widths (``amp`` bisection, or ``uniform``/``global`` at ``ratio``) and prune ``backbone`` in place.
+
+    ``batch_size`` is the criterion's (global) batch, run ``chunk_size`` images at a time; ``cache_gb`` bounds the
+    memory the search holds (the validation images take at most half of it in memory, the rest goes to disk; see
+    :func:`amp.width_search.amp_search`); ``autocast_dtype`` runs the model under autocast, the criterion in fp32."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; choose amp, uniform or global")
     if allocation == "amp" and threshold is None:
@@ -156,9 +178,13 @@ def search(
     _check_criterion_data(crit, val, batch_size, name)
     if distributed.world_size() > 1:  # the loss of the global batch, identical on every rank
         crit = distributed.GlobalCriterion(crit)
-    batches = materialise(val, max_images)
+    check_option("cache_gb", cache_gb, 0, low_open=True)
+    batches = materialise(val, max_images, memory_gb=cache_gb / 2)
+    precision = {"chunk_size": chunk_size, "autocast_dtype": autocast_dtype}
     if allocation == "amp":
-        result = amp_search(backbone, scores, batches, crit, threshold, device=device, **amp_options)
+        result = amp_search(
+            backbone, scores, batches, crit, threshold, device=device, cache_gb=cache_gb, **precision, **amp_options
+        )
     else:
         round_to = amp_options.get("round_to", 1)
         if allocation == "uniform":
@@ -166,7 +192,7 @@ def search(
         else:
             widths = global_widths(scores, ratio, round_to)
         compensation = {k: amp_options[k] for k in ("compensation", "ridge") if k in amp_options}
-        result = apply_widths(backbone, scores, widths, batches, crit, device=device, **compensation)
+        result = apply_widths(backbone, scores, widths, batches, crit, device=device, **precision, **compensation)
         result.config.update({"method": allocation, "ratio": ratio, "round_to": round_to})
     backbone.info["dense_widths"] = dense_widths
     backbone.info.setdefault("base_model", backbone.spec)
@@ -254,16 +280,29 @@ def recover(
 
 
 def _distilled(
-    pruned: Backbone, dense: Backbone, data, seed: int, device: str | None, augment: bool = False, **options: Any
+    pruned: Backbone,
+    dense: Backbone,
+    data,
+    seed: int,
+    device: str | None,
+    augment: bool | str | None = None,
+    **options: Any,
 ) -> Backbone:
+    """``augment`` (True or "clip", "dino"; default: a ``config``'s) is applied to data given by name, and recorded."""
     student = copy.deepcopy(pruned)
+    config = options.get("config")
+    asked = augment_name(augment)
+    augment = asked or (config.augment if config is not None else None)
     if isinstance(data, str):  # the training transform follows the student's own preprocessing
-        data = load_dataset(data, train_transform(student) if augment else student.preprocess)
-    report = distill(student, dense, data, seed=seed, device=device, **options)
+        data = load_dataset(data, train_transform(student, augment) if augment else student.preprocess)
+    elif asked:
+        raise ValueError(f"augment={augment!r} applies to data given by name; build the dataset with train_transform")
+    report = distill(student, dense, data, seed=seed, device=device, augment=augment, **options)
     student.info["recovery"] = {
         "method": "distill",
         "steps": report["steps"],
         "wall_time_s": report["wall_time_s"],
         "loss": [entry["loss"] for entry in report["history"]],  # the curve notebooks plot
+        "settings": report["settings"],  # the recipe as run: schedule, batch, precision, augmentation
     }
     return student

@@ -141,6 +141,19 @@ def _add_criterion(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temp-inv", type=float, default=15.0, help="inverse temperature of the similarity softmax")
 
 
+def _add_global_batch(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="run each --batch-size batch (the criterion's global batch) through the model this many images at a "
+        "time: the same result, the memory of one chunk (default: the whole batch)",
+    )
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="bf16: the model under autocast, the criterion in fp32"
+    )
+
+
 def _load(args) -> api.Backbone:
     return api.load_model(args.model, device=args.device, **_model_kwargs(args.model_arg))
 
@@ -187,6 +200,8 @@ def _scores(args, backbone):
         signed=getattr(args, "signed", False),
         device=args.device,
         checkpoint=getattr(args, "checkpoint", False),
+        chunk_size=args.chunk_size,
+        autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
     )
 
 
@@ -235,6 +250,9 @@ def cmd_prune(args, save_model: bool = True) -> None:
         state_path=out / SEARCH_STATE,
         resume=args.resume,
         device=args.device,
+        chunk_size=args.chunk_size,
+        cache_gb=args.cache_gb,
+        autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
     )
 
     def write(tmp: Path) -> None:  # search.json and the model together, all or nothing
@@ -320,19 +338,30 @@ def cmd_reproduce(args) -> int:
         for path in runner.notebook_paths():
             print(f"{path.name}: {'stripped' if runner.strip_notebook(path) else 'clean'}")
         return 0
+    if args.plan:
+        from amp.plan import plan
+
+        print(plan(args.profile, gpu=args.gpu, only=args.only)["markdown"])
+        return 0
     if args.out:
         check_writable_dir(args.out)  # the notebooks' tables are rewritten in place, by design
-    result = runner.reproduce(
-        profile=args.profile,
-        only=args.only,
-        out=args.out,
-        paper_paths={key: getattr(args, key) for key in runner.PATH_OPTIONS},
-        figures=args.figures,
-        kernel=args.kernel,
-        overrides=_notebook_overrides(args.set),
-        keep_going=not args.stop_on_error,
-        log_output=args.log_output,
-    )
+    if args.dry_run:
+        from amp.dry_run import dry_run
+
+        result = dry_run(args.profile, only=args.only, out=args.out, overrides=_notebook_overrides(args.set),
+                         keep_going=not args.stop_on_error, log_output=args.log_output, kernel=args.kernel)  # fmt: skip
+    else:
+        result = runner.reproduce(
+            profile=args.profile,
+            only=args.only,
+            out=args.out,
+            paper_paths={key: getattr(args, key) for key in runner.PATH_OPTIONS},
+            figures=args.figures,
+            kernel=args.kernel,
+            overrides=_notebook_overrides(args.set),
+            keep_going=not args.stop_on_error,
+            log_output=args.log_output,
+        )
     log.info("report: %s (%.1f min)", result["report"], result["seconds"] / 60)
     for r in result["notebooks"]:
         if not r["ok"]:
@@ -340,24 +369,94 @@ def cmd_reproduce(args) -> int:
     return 0 if result["ok"] else 1
 
 
+# amp.distill's RECIPES and AUGMENTS, spelled out so that --help needs no torch (tests/test_distill_recipe.py checks)
+DISTILL_RECIPES = ("ViT-g-14", "ViT-bigG-14", "EVA02-E-14-plus", "EVA-CLIP-8B", "dinov2-g")
+AUGMENTS = ("clip", "dino")
+PRECISIONS = ("fp32", "bf16")
+# DistillConfig fields that the options below set when given (None: the recipe's value, or DistillConfig's default)
+DISTILL_FIELDS = (
+    "steps",
+    "epochs",
+    "batch_size",
+    "lr",
+    "min_lr",
+    "warmup",
+    "warmup_epochs",
+    "weight_decay",
+    "weight_decay_end",
+    "decay_all",
+    "device_batch",
+    "activation_checkpointing",
+    "precision",
+    "loss",
+    "temp_inv",
+    "grad_clip",
+    "augment",
+    "sharding",
+)
+
+
 def _add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", required=True, help="pruned model directory (or any model spec)")
     p.add_argument("--teacher", help="teacher model spec (default: the student's base_model from amp.json)")
     p.add_argument("--data", required=True, help="training images, e.g. imagefolder:/imagenet/train")
-    p.add_argument("--steps", type=int, required=True, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch size (all processes together)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (not scaled by the batch size)")
-    p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of --steps)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--loss", choices=LOSSES, default="mse_tokens")
-    p.add_argument("--temp-inv", type=float, default=15.0, help="inverse temperature of similarity_kl")
+    p.add_argument(
+        "--recipe",
+        choices=DISTILL_RECIPES,
+        help="the paper's settings for this model (METHOD.md §5); the options below override its values",
+    )
+    p.add_argument("--steps", type=int, help="optimiser steps (or --epochs, or the --recipe's epochs)")
+    p.add_argument("--epochs", type=float, help="passes over --data (steps = epochs × batches per epoch)")
+    p.add_argument(
+        "--batch-size", type=int, help="global batch size, all processes together (default 64, or the recipe's)"
+    )
+    p.add_argument(
+        "--device-batch",
+        type=int,
+        help="images per process per forward; the rest of the global batch "
+        "is accumulated (default: all of the process's share, or the recipe's)",
+    )
+    p.add_argument(
+        "--lr", type=float, help="peak learning rate, not scaled by the batch size (default 1e-4, or the recipe's)"
+    )
+    p.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default 0, or the recipe's)")
+    p.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the steps, or the recipe's one epoch)")
+    p.add_argument("--warmup-epochs", type=float, help="warmup in epochs, instead of --warmup")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.05, or the recipe's 0.04)")
+    p.add_argument(
+        "--weight-decay-end",
+        type=float,
+        help="cosine schedule from --weight-decay to this over the run (default: constant, or the recipe's 0.2)",
+    )
+    p.add_argument(
+        "--decay-all",
+        action=argparse.BooleanOptionalAction,
+        help="decay norms, biases and embeddings too, as the reference does (default: off, or the recipe's on)",
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="recompute each block in backward: less memory, same gradients (default: off, or the recipe's on)",
+    )
+    p.add_argument(
+        "--precision", choices=PRECISIONS, help="bf16: autocast over fp32 weights (default fp32, or the recipe's bf16)"
+    )
+    p.add_argument("--loss", choices=LOSSES, help="default mse_tokens")
+    p.add_argument("--temp-inv", type=float, help="inverse temperature of similarity_kl (default 15.0)")
     p.add_argument("--train-head", action="store_true", help="train the final norm/projection too")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--augment", action="store_true", help="RandomResizedCrop(0.2-1) + flip, not the eval transform")
+    p.add_argument("--grad-clip", type=float, help="max gradient norm, 0: off (default 1.0; a recipe's: off)")
+    p.add_argument(
+        "--augment",
+        nargs="?",
+        const="clip",
+        choices=AUGMENTS,
+        help="training augmentation: clip "
+        "(RandomResizedCrop 0.2-1 + flip; a bare --augment) or dino (default: the eval transform, or the "
+        "recipe's)",
+    )
     p.add_argument("--out", required=True, help="output directory for the distilled model")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints in --out/checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out/checkpoints")
     _add_overwrite(p)
     p.add_argument("--seed", type=int, default=0)
     _add_workers(p)
@@ -365,57 +464,61 @@ def _add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sharding",
         choices=SHARDINGS,
-        default="ddp",
-        help="under torchrun: replicate the student (ddp) or shard its weights, gradients and optimiser (fsdp)",
+        help="under torchrun: replicate the student (ddp) or shard its weights, gradients and optimiser (fsdp); "
+        "default ddp, or the recipe's",
     )
     p.add_argument("--no-progress", action="store_true")
 
 
+def _distill_config(args):
+    """The DistillConfig the options ask for (the recipe's, with the options given on top), checked."""
+    fields = {name: getattr(args, name) for name in DISTILL_FIELDS if getattr(args, name) is not None}
+    if fields.get("grad_clip") == 0:
+        fields["grad_clip"] = None
+    if args.train_head:
+        fields["train_head"] = True
+    fields.update(seed=args.seed, num_workers=args.num_workers, progress=not args.no_progress)
+    if args.recipe is not None:
+        config = DistillConfig.from_recipe(args.recipe, **fields)
+    elif "steps" not in fields and "epochs" not in fields:
+        raise ValueError("amp distill needs the run's length: --steps, --epochs or --recipe")
+    else:
+        config = DistillConfig(**{"batch_size": 64, **fields})
+    config.check()
+    return config
+
+
 def cmd_distill(args) -> None:
     """Load the student and its teacher, distil, and save the student (rank 0) with its distillation provenance."""
+    from amp.distill import SHARDED_CHECKPOINT
+
+    config = _distill_config(args)  # before any model loads
+    world = distributed.world_size()
+    fsdp = config.sharding == "fsdp" and world > 1  # the student stays on the CPU; only its shards go to the GPU
     out = check_output_dir(
         args.out,
         overwrite=args.overwrite,
-        resumable=f"{CHECKPOINTS}/{CHECKPOINT_FILE}",
+        resumable=f"{CHECKPOINTS}/{SHARDED_CHECKPOINT if fsdp else CHECKPOINT_FILE}",
         resume=args.resume,
         inputs=[args.student, args.teacher],
     )
-    world = distributed.world_size()
     device = torch.device(args.device) if args.device else default_device(world)
-    fsdp = args.sharding == "fsdp" and world > 1  # the student stays on the CPU; only its shards go to the GPU
+    config.checkpoint_dir, config.checkpoint_every = out / CHECKPOINTS, args.checkpoint_every
+    config.resume, config.device = args.resume, device
     student = api.load_model(args.student, device="cpu" if fsdp else str(device))
     teacher_spec = args.teacher or student.info.get("base_model")
     if not teacher_spec or teacher_spec == args.student:
         raise ValueError("no teacher: pass --teacher (the student's amp.json names no base_model)")
     teacher = api.load_model(teacher_spec, device=str(device))
-    dataset = load_dataset(args.data, train_transform(student) if args.augment else student.preprocess)
-    config = DistillConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        warmup=args.warmup,
-        weight_decay=args.weight_decay,
-        loss=args.loss,
-        temp_inv=args.temp_inv,
-        train_head=args.train_head,
-        grad_clip=args.grad_clip or None,
-        seed=args.seed,
-        sharding=args.sharding,
-        checkpoint_dir=out / CHECKPOINTS,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        device=device,
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
-    )
+    transform = train_transform(student, config.augment) if config.augment else student.preprocess
+    dataset = load_dataset(args.data, transform)
     result = distill(student, teacher, dataset, config=config)
     if distributed.rank() == 0:
         provenance = {
             **result["settings"],
+            "recipe": args.recipe,
             "teacher": teacher_spec,
             "data": args.data,
-            "augment": args.augment,
             "world_size": world,
             "final_loss": result["final_loss"],
             "wall_time_s": result["wall_time_s"],
@@ -430,8 +533,8 @@ def cmd_distill(args) -> None:
             **hub.command_provenance(student.info),
         )
         print(
-            f"distilled {args.steps} steps: loss {result['history'][0]['loss']:.5g} -> {result['final_loss']:.5g}, "
-            f"{result['images_per_s']:.1f} images/s; model written to {out}"
+            f"distilled {result['steps']} steps: loss {result['history'][0]['loss']:.5g} -> "
+            f"{result['final_loss']:.5g}, {result['images_per_s']:.1f} images/s; model written to {out}"
         )
 
 
@@ -501,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("taylor", "magnitude", "random"), default="taylor")
     p.add_argument("--signed", action="store_true", help="keep the sign of the per-image Taylor sums")
     p.add_argument("--checkpoint", action="store_true", help="recompute blocks in backward (less memory)")
+    _add_global_batch(p)
     p.add_argument("--out", required=True, help="scores file (.safetensors)")
     p.set_defaults(func=cmd_score)
 
@@ -528,6 +632,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--ridge", type=float, default=1e-4, help="lstsq ridge, relative to the kept units' variance")
         p.add_argument("--no-cache", action="store_true", help="run the full model for every probe")
+        _add_global_batch(p)
+        p.add_argument(
+            "--cache-gb",
+            type=float,
+            default=4.0,
+            help="memory bound of the search's caches and validation images (on a GPU: this much GPU memory and this "
+            "much host memory); beyond it, disk and recomputation (same widths)",
+        )
         p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
         p.add_argument("--out", required=True, help="output directory")
         _add_overwrite(p)
@@ -549,6 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first failing notebook")
     p.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
     p.add_argument("--strip", action="store_true", help="only strip the outputs of notebooks/*.ipynb (before commit)")
+    p.add_argument("--dry-run", action="store_true", help="rehearse: stand-in models, generated data, clamped sizes")
+    p.add_argument("--plan", action="store_true", help="print peak GPU memory and GPU-hours per model; run nothing")
+    p.add_argument("--gpu", choices=("A100-80GB", "H100-80GB", "H200"), default="H100-80GB", help="GPU of --plan")
     p.set_defaults(func=cmd_reproduce)
 
     p = add("eval", help="evaluate a model: size, speed and quality")

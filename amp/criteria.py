@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from amp.data import check_option, make_loader
+from amp.data import check_option, class_names, make_loader
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -297,7 +297,13 @@ def build_criterion(
     if backbone.is_clip:
         if zero_shot_head is None:
             raise ValueError("cross_entropy on class labels with a CLIP model needs zero_shot_head")
-        head = zero_shot_head(backbone, list(classes), device=device)  # (embed_dim, num_classes), as documented
+        # folders named by WordNet id or ImageNetV2 index are prompted by their class names, as in evaluation
+        head = zero_shot_head(backbone, class_names(classes), device=device)
+        if head.ndim != 2 or head.shape[1] != len(classes):  # (embed_dim, num_classes) by contract, never guessed
+            raise ValueError(
+                f"zero_shot_head returned a {tuple(head.shape)} head for {len(classes)} classes; it must be "
+                f"(embed_dim, {len(classes)}), one column per class"
+            )
         return ClassCrossEntropy(head.T, logit_scale, project=True)
     return ClassCrossEntropy(class_prototypes(backbone, dataset, len(classes), device), 1 / 0.07, project=False)
 

@@ -14,19 +14,32 @@ Kinds:
   ``root/annotations``) and images at ``root/<filepath>/<filename>`` (e.g. ``root/val2014/...``).
 * ``flickr30k:<root>[:<split>]``: Flickr30k with the Karpathy ``dataset_flickr30k.json`` and images under
   ``root/flickr30k-images`` or ``root/images``.
+* ``clip_benchmark:<name>:<root>[:<split>]``: clip_benchmark's own data set ``name`` (``imagenet-a``, ``imagenet-r``,
+  ``imagenet_sketch``, ``imagenetv2``, ``objectnet``, ``flickr30k``, ``mscoco_captions``, ...) built from the files
+  under ``root`` in the layout its ``build_dataset`` expects, never downloaded (split default ``test``); class sets
+  keep clip_benchmark's class names and templates, captioned ones expose ``.captions``.
 
 Captioned kinds default to the ``test`` split; ``train+restval`` style specs join splits.
+
+ImageNet-style class folders named by WordNet id (``n01440764``: ImageNet-1K and its 200-class ImageNet-A/-R subsets,
+ImageNet-Sketch) or by index (``0``..``999``: ImageNetV2) get readable names from :func:`class_names`.
 
 Every loader made here without an explicit ``num_workers`` uses :func:`set_num_workers`'s count (``--num-workers``).
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import inspect
 import json
 import math
 import os
-from collections.abc import Callable
-from importlib import import_module
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from functools import cache
+from importlib import import_module, resources
 from pathlib import Path
 from typing import Any
 
@@ -343,8 +356,158 @@ def _flickr30k(argument: str, transform: Callable | None) -> Dataset:
     return _karpathy(root, splits, "dataset_flickr30k.json", dirs, "flickr30k", transform)
 
 
+# --- ImageNet class names ----------------------------------------------------------------------
+
+WORDNET_ID = re.compile(r"n\d{8}")
+
+
+@cache
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1K WordNet ids in the standard (sorted) class order, as clip_benchmark ships them."""
+    from clip_benchmark.datasets.builder import all_imagenet_wordnet_ids
+
+    return tuple(all_imagenet_wordnet_ids)
+
+
+@cache
+def imagenet_classnames() -> tuple[str, ...]:
+    """The OpenAI-cleaned English names of the 1000 ImageNet-1K classes (clip_benchmark's ``en_classnames.json``)."""
+    table = json.loads(resources.files("clip_benchmark.datasets").joinpath("en_classnames.json").read_text("utf-8"))
+    return tuple(table["imagenet1k"])
+
+
+@cache
+def imagenet_subset_wnids(name: str) -> tuple[str, ...]:
+    """The sorted WordNet ids of an ImageNet class subset clip_benchmark evaluates (``imagenet-a``, ``imagenet-r``:
+    200 classes each; ``imagenet-o``), read from its builder's source: the lists live inside ``build_dataset``, so
+    they are parsed (never executed, never downloaded)."""
+    from clip_benchmark.datasets import builder
+
+    variable = name.replace("-", "_") + "_wnids"
+    for node in ast.walk(ast.parse(inspect.getsource(builder))):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == variable for t in node.targets):
+            return tuple(sorted(ast.literal_eval(node.value)))
+    raise ValueError(f"clip_benchmark names no WordNet-id subset {name!r} (looked for {variable} in its builder)")
+
+
+def class_names(classes: Sequence[str]) -> list[str]:
+    """Readable names for a data set's classes, in its label order, for zero-shot prompts.
+
+    Folders named by ImageNet-1K WordNet ids (all 1000, or a subset such as ImageNet-A/-R's 200) get the OpenAI
+    names of those ids, folders ``0``..``999`` (ImageNetV2) the names of those indices; any other names are kept,
+    with ``_`` read as a space. A mapping by position alone would be wrong for a subset, hence the lookup by id.
+    """
+    classes = [str(c) for c in classes]
+    if classes and all(WORDNET_ID.fullmatch(c) for c in classes):
+        index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
+        unknown = [c for c in classes if c not in index]
+        if not unknown:
+            names = imagenet_classnames()
+            return [names[index[c]] for c in classes]
+        warnings.warn(
+            f"{len(unknown)} of {len(classes)} class folders (e.g. {unknown[0]}) are WordNet ids outside ImageNet-1K; "
+            "their prompts use the ids themselves",
+            stacklevel=2,
+        )
+    if len(classes) == 1000 and all(c.isdigit() for c in classes) and {int(c) for c in classes} == set(range(1000)):
+        names = imagenet_classnames()
+        return [names[int(c)] for c in classes]
+    return [c.replace("_", " ") for c in classes]
+
+
+# --- clip_benchmark's own data sets -------------------------------------------------------------
+
+
+class BenchmarkDataset(Dataset):
+    """A clip_benchmark data set in amp's form: ``(image, class index)`` with ``.classes`` and ``.templates``, or
+    ``(image, list of captions)`` with ``.captions``."""
+
+    def __init__(self, dataset: Any, name: str, classes=None, templates=None, captions=None):
+        self.dataset, self.name = dataset, name
+        self.classes = list(classes) if classes is not None else None
+        self.templates = list(templates) if templates is not None else None
+        self.captions = captions
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image, target = self.dataset[index]
+        if self.captions is not None or isinstance(target, (list, tuple)):
+            return image, [str(c) for c in target]
+        return image, int(target)
+
+
+def _refuse_download(name: str, root: Path) -> Callable[..., Any]:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        command = str(args[0] if args else kwargs.get("url", ""))[:120]
+        raise DataSpecError(
+            f"clip_benchmark:{name}: the files under {root} are incomplete and clip_benchmark would fetch them "
+            f"({command!r}); amp never downloads: put the data there in the layout of clip_benchmark's "
+            "datasets/builder.py"
+        )
+
+    return refuse
+
+
+@contextlib.contextmanager
+def _no_downloads(name: str, root: Path) -> Iterator[None]:
+    """clip_benchmark downloads with shell ``wget``/``gdown``/``kaggle`` (``builder.call``) and ImageNetV2 with
+    ``requests.get`` whenever a file is missing, ``download=False`` or not: both are refused for the call."""
+    from unittest import mock
+
+    from clip_benchmark.datasets import builder, imagenetv2
+
+    refuse = _refuse_download(name, root)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(builder, "call", refuse))
+        if hasattr(imagenetv2, "requests"):
+            stack.enter_context(mock.patch.object(imagenetv2.requests, "get", refuse))
+        yield
+
+
+def _benchmark_captions(dataset: Any) -> list[list[str]] | None:
+    if isinstance(getattr(dataset, "data", None), list):  # clip_benchmark's Flickr: [(file, [captions])]
+        return [list(captions) for _, captions in dataset.data]
+    if hasattr(dataset, "coco") and hasattr(dataset, "ids"):  # torchvision's CocoCaptions
+        return [[a["caption"] for a in dataset.coco.loadAnns(dataset.coco.getAnnIds(i))] for i in dataset.ids]
+    return None
+
+
+def _clip_benchmark(argument: str, transform: Callable | None) -> Dataset:
+    usage = "clip_benchmark needs 'clip_benchmark:<name>:<root>[:<split>]'"
+    name, _, rest = argument.partition(":")
+    root, sep, split = rest.rpartition(":")
+    if not sep or not split or "/" in split or "\\" in split:  # no split given (or a ':' inside the path)
+        root, split = rest, "test"
+    if not name or not root:
+        raise DataSpecError(f"{usage}, got 'clip_benchmark:{argument}'")
+    path = _existing_dir(root, f"clip_benchmark:{name}")  # a missing root is where clip_benchmark downloads
+    from clip_benchmark.datasets.builder import build_dataset, get_dataset_default_task
+
+    task = get_dataset_default_task(name)
+    try:
+        with _no_downloads(name, path):
+            dataset = build_dataset(name, root=str(path), transform=transform, split=split, download=False, task=task)
+    except DataSpecError:
+        raise
+    except (AssertionError, ValueError, RuntimeError, OSError, KeyError) as error:
+        raise DataSpecError(f"clip_benchmark:{name}: cannot build it from {path} (split {split!r}): {error}") from None
+    if task != "zeroshot_classification":
+        return BenchmarkDataset(dataset, name, captions=_benchmark_captions(dataset))
+    classes = list(getattr(dataset, "classes", None) or [])
+    folders = getattr(dataset, "class_to_idx", None)
+    if type(dataset) is ImageFolder and folders is not None and len(folders) != len(classes):
+        raise DataSpecError(
+            f"clip_benchmark:{name}: {path} has {len(folders)} class folders but clip_benchmark names {len(classes)} "
+            "classes, so its labels would point at the wrong names; the folder must hold every class"
+        )
+    return BenchmarkDataset(dataset, name, classes=classes, templates=getattr(dataset, "templates", None))
+
+
 register_dataset("synthetic", _synthetic)
 register_dataset("folder", _folder)
 register_dataset("imagefolder", _imagefolder)
 register_dataset("coco", _coco)
 register_dataset("flickr30k", _flickr30k)
+register_dataset("clip_benchmark", _clip_benchmark)

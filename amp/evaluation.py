@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import math
-import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from tqdm import tqdm
 
 from amp import stats
 from amp.accounting import model_stats
-from amp.data import check_option, load_dataset, make_loader
+from amp.data import check_option, class_names, load_dataset, make_loader
 from amp.models import Backbone
 from amp.zoo.fashion import FASHION_TEMPLATES
 
@@ -185,9 +184,10 @@ def zero_shot_classifier(
 def zero_shot_prompts(spec: str, dataset) -> tuple[list[str], list[str]]:
     """Class names and prompt templates for zero-shot classification on ``dataset`` (named ``spec``).
 
-    Fashion-MNIST uses the templates the tiny CLIP was trained with; ImageNet-style folders of 1000 classes named by
-    WordNet id (``n01440764``) or by index (``0``..``999``, ImageNetV2) get the OpenAI class names, and every other
-    data set its own class names with the 80 OpenAI ImageNet templates (the paper's protocol).
+    Fashion-MNIST uses the templates the tiny CLIP was trained with; ImageNet-style folders named by WordNet id
+    (``n01440764``: ImageNet-1K, the 200-class ImageNet-A/-R subsets, ImageNet-Sketch) or by index (``0``..``999``,
+    ImageNetV2) get the OpenAI names of those classes (:func:`amp.data.class_names`), and every data set without
+    templates of its own the 80 OpenAI ImageNet templates (the paper's protocol).
     """
     classes = list(getattr(dataset, "classes", None) or [])
     if not classes:
@@ -195,12 +195,7 @@ def zero_shot_prompts(spec: str, dataset) -> tuple[list[str], list[str]]:
     templates = getattr(dataset, "templates", None)
     if templates is None and spec.split(":")[0] in ("fashion-mnist", "fmnist-captions"):
         templates = FASHION_TEMPLATES
-    if len(classes) == 1000 and all(re.fullmatch(r"n\d{8}", c) for c in classes):
-        classes = dataset_classnames("imagenet1k")  # sorted WordNet ids are the standard class order
-    elif len(classes) == 1000 and sorted(classes, key=int) == [str(i) for i in range(1000)]:
-        names = dataset_classnames("imagenet1k")
-        classes = [names[int(c)] for c in classes]
-    return [c.replace("_", " ") for c in classes], list(templates or imagenet_templates())
+    return class_names(classes), list(templates or imagenet_templates())
 
 
 def zero_shot_hits(features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> dict[str, torch.Tensor]:

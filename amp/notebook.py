@@ -12,6 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from amp.accounting import model_stats
+from amp.data import load_dataset, make_loader
+from amp.distill import RECIPES, DistillConfig
+from amp.evaluation import EvalRow, cosines, embed_dataset, first_items, knn_hits
 from amp.io import project_root, resolve  # noqa: F401  the notebooks take them from here
 from amp.stats import paired_difference
 
@@ -20,7 +24,18 @@ from amp.stats import paired_difference
 
 # --- data, tables and figures ------------------------------------------------------------------------------
 
-PATH_KINDS = ("imagefolder", "folder", "coco", "flickr30k")
+PATH_KINDS = ("imagefolder", "folder", "coco", "flickr30k", "clip_benchmark")
+
+
+def _directory(kind: str, argument: str) -> str:
+    """The directory a data-set name reads: ``<dir>``, ``<root>[:<split>]``, or ``<name>:<root>[:<split>]`` for
+    clip_benchmark."""
+    if kind in ("imagefolder", "folder"):
+        return argument
+    if kind == "clip_benchmark":
+        argument = argument.partition(":")[2]
+    root, sep, split = argument.rpartition(":")
+    return argument if not sep or not split or "/" in split else root  # no split given, or a ':' inside the path
 
 
 def check_data(**specs: Any) -> None:
@@ -38,9 +53,7 @@ def check_data(**specs: Any) -> None:
             kind, _, argument = spec.partition(":")
             if kind not in PATH_KINDS:
                 continue
-            directory = argument if kind in ("imagefolder", "folder") else argument.rsplit(":", 1)[0]
-            if kind not in ("imagefolder", "folder") and ":" in argument and "/" in argument.rsplit(":", 1)[1]:
-                directory = argument  # a ':' inside the path, no split given
+            directory = _directory(kind, argument)
             if not directory:
                 problems.append(f"{name} = {spec!r}: no directory given")
             elif not Path(directory).expanduser().is_dir():
@@ -187,6 +200,83 @@ def plot_probe_traces(probes, widths: list[int], dense_widths: list[int], thresh
     return fig
 
 
+# --- the paper profile's knobs, passed only when a profile sets them -------------------------------------------
+
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _dtype(precision: str, name: str):
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"{name} must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return getattr(torch, PRECISIONS[precision])
+
+
+def score_options(chunk_size: int | None = None, checkpoint: bool = False) -> dict[str, Any]:
+    """Extra ``amp.score`` keywords: ``chunk_size`` (the loader batch is the global batch, run in chunks of this many
+    images: the gradient cache) and ``checkpoint`` (recompute blocks in backward); nothing when neither is set, so a
+    profile without them calls ``amp.score`` exactly as before."""
+    return {**({"chunk_size": chunk_size} if chunk_size else {}), **({"checkpoint": True} if checkpoint else {})}
+
+
+def search_options(chunk_size: int | None = None, cache_gb: float | None = None, precision: str = "fp32") -> dict:
+    """Extra ``amp.search`` keywords: forward ``chunk_size``, the ``cache_gb`` bound of what the search keeps on the
+    device, and ``precision`` (``bf16``/``fp16``: autocast, criterion in fp32); only those a profile sets."""
+    options: dict[str, Any] = {"chunk_size": chunk_size} if chunk_size else {}
+    options |= {"cache_gb": cache_gb} if cache_gb else {}
+    return options | ({"autocast_dtype": _dtype(precision, "search_precision")} if precision != "fp32" else {})
+
+
+def speed_options(batch_size: int, steps: int, warmup: int, rounds: int, precision: str = "fp32") -> dict[str, Any]:
+    """``EvalSuite.speed`` options: ``rounds`` alternating dense/pruned runs of ``steps`` batches each (the paper: batch
+    1000, the mean of 10 runs), under autocast when ``precision`` is not fp32."""
+    options = {"batch_size": batch_size, "steps": steps, "warmup": warmup, "rounds": rounds}
+    return options | ({"dtype": _dtype(precision, "throughput_precision")} if precision != "fp32" else {})
+
+
+def distill_options(distill: Mapping[str, Any], recipe: str | None = None) -> dict[str, Any]:
+    """``amp.recover(..., "distill", ...)`` keywords: the named recipe (``amp.distill.RECIPES``, the paper's per-model
+    settings) with ``distill``'s values over it, or ``distill`` alone without a recipe."""
+    if not recipe:
+        return dict(distill)
+    config = DistillConfig.from_recipe(recipe, **distill)  # refuses an unknown recipe or field before any model moves
+    named = (set(RECIPES[recipe]) - {"source"}) | set(distill)  # steps over a recipe unsets its epochs (and back)
+    return {key: getattr(config, key) for key in sorted(named)}
+
+
+def distill_length(options: Mapping[str, Any]) -> str:
+    """``"60 steps"`` or ``"5 epochs"``: how long a distillation runs, for labels."""
+    return f"{options['steps']} steps" if options.get("steps") else f"{options['epochs']:g} epochs"
+
+
+def distill_summary(distill: Mapping[str, Any], recipe: str | None, data: str) -> str:
+    """``"60 steps of batch 32 on `data`, lr 0.0001"`` (prefixed with the recipe's name when there is one)."""
+    o = distill_options(distill, recipe)
+    text = f"{distill_length(o)} of batch {o['batch_size']} on `{data}`, lr {o['lr']:g}"
+    return f"recipe {recipe}: {text}" if recipe else text
+
+
+def without_model(models: Mapping[str, Mapping[str, Any]]) -> tuple[dict, dict[str, str]]:
+    """The models that can run, and ``{name: why not}`` for the declared rows without a loadable spec (``model`` null,
+    the reason in ``unavailable``), so a table can name its gaps instead of dropping them silently."""
+    runnable = {name: dict(cfg) for name, cfg in models.items() if cfg.get("model")}
+    gaps = {name: str(cfg.get("unavailable", "no model spec")) for name, cfg in models.items() if not cfg.get("model")}
+    return runnable, gaps
+
+
+def add_mean_over_sets(row, metric: str, datasets, label: str = "Avg") -> None:
+    """Adds ``<label>/<metric>`` to ``row``: the unweighted mean of ``metric`` over ``datasets`` (the paper's "Avg"),
+    as per-item outcomes over the pooled items, each weighted by ``1 / (sets × its set's size)``; their mean is the
+    mean of the set means, a bootstrap over them gives its interval, and two rows compare item by item."""
+    import torch
+
+    parts = [row.outcome(metric, d).double() for d in datasets]
+    total = sum(len(p) for p in parts)
+    pooled = torch.cat([p * total / (len(parts) * len(p)) for p in parts])
+    row.add(metric, pooled.float(), label, qualify=True)
+
+
 # --- intervals and comparisons in tables and sentences --------------------------------------------------------
 
 
@@ -230,9 +320,6 @@ class KnnBench:
 
     def __init__(self, dense, train: str, test: str, train_images: int | None = None, test_images: int | None = None,
                  ks=(10, 20), temperature: float = 0.07, batch_size: int = 32, device: str = "cpu"):  # fmt: skip
-        from amp.data import load_dataset, make_loader
-        from amp.evaluation import first_items
-
         self.dense, self.ks, self.temperature, self.device = dense, list(ks), temperature, device
         self.names, self.batches, self.images, self.classes = {"train": train, "test": test}, {}, {}, None
         for role, spec, cap in (("train", train, train_images), ("test", test, test_images)):
@@ -243,9 +330,6 @@ class KnnBench:
 
     def measure(self, backbone, name: str | None = None):
         """Size, k-NN top-1 per k and (other than the dense model) the per-query cosine to the dense embedding."""
-        from amp.accounting import model_stats
-        from amp.evaluation import EvalRow, cosines, embed_dataset, knn_hits
-
         project = backbone.is_clip
         embedded = {role: embed_dataset(backbone, batches, project=project, device=self.device, progress=False)
                     for role, batches in self.batches.items()}  # fmt: skip
@@ -268,7 +352,6 @@ class KnnBench:
 def compare_metrics(row, metric_a: str, metric_b: str, label: str | None = None):
     """The paired difference ``metric_b − metric_a`` of one row (e.g. k-NN at k=20 vs k=10 on the same queries),
     named ``"<row> <metric>"``; :func:`amp.stats.paired_difference` on the per-item outcomes."""
-    from amp.evaluation import EvalRow
 
     label = label or f"{metric_a} vs {metric_b}"
     a, b = EvalRow(f"{row.name} {metric_a}"), EvalRow(f"{row.name} {metric_b}")

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from amp import distributed
 from amp.adapters import MLPSite
 from amp.surgery import SiteState, keep_units
 
@@ -75,6 +76,8 @@ class _Accumulator:
         self.keep_io, self.max_tokens = keep_io, max_tokens
         self.inputs: list[torch.Tensor] = []
         self.outputs: list[torch.Tensor] = []
+        self.batches: list[int] = []  # the batch each kept slice of tokens came from
+        self.batch = 0  # the batch now running
         self.io_tokens = 0
 
     def add_hidden(self, h: torch.Tensor) -> None:
@@ -92,7 +95,29 @@ class _Accumulator:
         y = y.detach().reshape(-1, y.shape[-1])[:room].float().cpu()
         self.inputs.append(x)
         self.outputs.append(y)
+        self.batches.append(self.batch)
         self.io_tokens += x.shape[0]
+
+    def reduce_over_ranks(self) -> None:
+        """Sum the moments over ranks, and keep the first ``max_tokens`` tokens of the global batches in the order one
+        process would meet them: batch by batch, each batch's rows in rank order (a global batch is its ranks' slices
+        concatenated, :func:`amp.distributed.sharded`). Every rank then holds the statistics one process would have
+        of the union of the data. (Each rank kept its own first ``max_tokens``: all the global first ones.)"""
+        self.sum = distributed.all_reduce_sum(self.sum)
+        if self.outer is not None:
+            self.outer = distributed.all_reduce_sum(self.outer)
+        self.count = int(distributed.all_reduce_sum(torch.tensor(float(self.count), dtype=torch.float64)))
+        if not self.keep_io:
+            return
+        every = distributed.gather_objects([(self.batches, self.inputs, self.outputs)])  # in rank order
+        parts = sorted(
+            ((batch, rank, k), x, y)
+            for rank, (batches, xs, ys) in enumerate(every)
+            for k, (batch, x, y) in enumerate(zip(batches, xs, ys))
+        )
+        self.inputs = [torch.cat([x for _, x, _ in parts])[: self.max_tokens]]
+        self.outputs = [torch.cat([y for _, _, y in parts])[: self.max_tokens]]
+        self.io_tokens = self.inputs[0].shape[0]
 
     def result(self) -> HiddenStats:
         if self.count == 0:
@@ -117,13 +142,19 @@ def calibration_stats(
     max_tokens: int = 32768,
     second: bool = True,
     progress: bool = False,
+    chunk_size: int | None = None,
 ) -> dict[int, HiddenStats]:
     """Per-site fp64 moments of the ``fc_out`` inputs over all calibration tokens of ``backbone`` (dense).
 
     ``batches`` yields images or ``(images, targets)``. ``layers`` restricts the sites (default: all).
     For sites with a hidden norm, the first ``max_tokens`` tokens' MLP inputs and outputs are kept as well.
     The statistics live on the CPU: E[h hᵀ] takes 8·H² bytes per site (ViT-L 134 MB, ViT-g 302 MB, bigG 537 MB);
-    ``second=False`` skips it when only ``bias`` compensation is wanted.
+    ``second=False`` skips it when only ``bias`` compensation is wanted. ``chunk_size`` runs each batch through the
+    model that many images at a time (the same statistics, less memory).
+
+    Under torchrun (``batches`` this rank's slices of the global batches, :func:`amp.distributed.sharded`) the
+    statistics are summed over ranks, so every rank returns those of the union of the data (and every rank then
+    compensates the same model); every rank must call this.
     """
     from tqdm.auto import tqdm
 
@@ -144,12 +175,19 @@ def calibration_stats(
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
-            backbone.embed(_images(batch).to(device))
+        for index, batch in enumerate(tqdm(batches, desc="calibration", unit="batch", disable=not progress)):
+            for acc in accumulators.values():
+                acc.batch = index
+            images = _images(batch)
+            for chunk in images.split(chunk_size) if chunk_size else (images,):
+                backbone.embed(chunk.to(device))
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if distributed.world_size() > 1:  # every rank compensates the same model: the statistics of all ranks' images
+        for acc in accumulators.values():
+            acc.reduce_over_ranks()
     return {layer: acc.result() for layer, acc in accumulators.items()}
 
 

@@ -3,14 +3,16 @@
     amp reproduce [--profile cpu|paper] [--only 02,04] [--out results/cpu] [--set 02.ratios=[0.5]]
     amp reproduce --profile paper --imagenet-train /data/imagenet/train --imagenet-val /data/imagenet/val \\
         --coco-root /data/coco --flickr-root /data/flickr30k --out results/paper
+    amp reproduce --profile paper --plan [--gpu H100-80GB]   # peak memory and GPU-hours first (amp.plan)
+    amp reproduce --profile paper --dry-run                  # rehearsed on stand-ins, minutes on a CPU (amp.dry_run)
 
 Profiles are data: ``amp/profiles/<name>.json`` maps each notebook (by file stem) to the parameters papermill
 injects. ``cpu`` holds the notebooks' own defaults (a test keeps the two equal): the offline models
 (``zoo:tiny-clip``, ``zoo:dinov2-s``) and data (Fashion-MNIST, captioned Fashion-MNIST), minutes on two CPU cores.
 ``paper`` holds the paper's settings (OpenCLIP ViT-g-14 / bigG-14, EVA02-CLIP-E, DINOv2-g; ImageNet-1K, COCO,
-Flickr30k; the thresholds, temperatures and per-GPU batch sizes of METHOD.md §2; distillation for 5 epochs of
-ImageNet-1K, 12511 steps at a global batch of 512, lr 2e-5 per 256, METHOD.md §5): same code, other parameters. It
-needs the weights, the data sets and GPUs. In a profile, ``{imagenet_train}`` stands for a path given on the command
+Flickr30k and the zero-shot sets; the thresholds, temperatures and global batches of METHOD.md §2, computed in
+chunks; the distillation recipe of each model, METHOD.md §5): same code, other parameters. It needs the weights, the
+data sets and GPUs. In a profile, ``{imagenet_train}`` stands for a path given on the command
 line (:data:`PATH_OPTIONS`; missing, it stops the run before it starts, naming the parameter), and
 ``{imagenet_val?}`` for an optional one: without it the parameter is ``null``.
 
@@ -44,6 +46,11 @@ PATH_OPTIONS = {
     "imagenet_val": "ImageNet-1K validation images, class folders (search, zero-shot top-1, k-NN queries)",
     "coco_root": "MSCOCO with the Karpathy split dataset_coco.json (retrieval, captioned scoring)",
     "flickr_root": "Flickr30k with the Karpathy split dataset_flickr30k.json (retrieval)",
+    "imagenet_a": "ImageNet-A, class folders named by WordNet id (200 classes; zero-shot)",
+    "imagenet_r": "ImageNet-R, class folders named by WordNet id (200 classes; zero-shot)",
+    "imagenet_v2": "ImageNetV2 matched-frequency, class folders 0..999 (zero-shot)",
+    "imagenet_sketch": "ImageNet-Sketch, class folders named by WordNet id (zero-shot)",
+    "objectnet_root": "ObjectNet in clip_benchmark's layout: objectnet-1.0/images and its mapping files (zero-shot)",
 }
 RUNNER_PARAMETERS = ("out_dir", "fig_dir")  # set by the runner for every notebook, never by a profile
 HANDOFF = {"04": "save_dir", "05": "models_dir"}  # notebook 04 saves its pruned models where 05 reads them
@@ -99,6 +106,42 @@ def _check_declared(nb: Path, names: Iterable[str], source: str) -> None:
             f"{source} sets {', '.join(map(repr, unknown))}, which {nb.stem} does not declare; "
             f"its parameters are {', '.join(declared)}"
         )
+
+
+def _records(value: Any) -> list[Mapping[str, Any]]:
+    """The records of a table-like parameter: a dict of dicts (``models``, ``criteria``) or a list of dicts."""
+    items = list(value.values()) if isinstance(value, Mapping) else value if isinstance(value, list) else []
+    return [item for item in items if isinstance(item, Mapping)] if items and all(
+        isinstance(item, Mapping) for item in items) else []  # fmt: skip
+
+
+def _notebook_strings(nb: Path) -> set[str]:
+    """Every string literal in the notebook's code: the keys its cells can read from a record."""
+    import nbformat
+
+    found: set[str] = set()
+    for cell in nbformat.read(nb, as_version=4).cells:
+        if cell.cell_type == "code":
+            found.update(re.findall(r"""["'](\w+)["']""", cell.source))
+    return found
+
+
+def _check_record_keys(nb: Path, parameters: Mapping[str, Any], source: str) -> None:
+    """Refuse a key inside a table-like parameter (``models``, ``criteria``, ``searches``) that the notebook never
+    names: no cell can read it, so a typo there (``"treshold"``) would be ignored without a word. Keys that are
+    labels (not identifiers) and the entries of a declared gap (``"model": null``) are left alone."""
+    declared = notebook_parameters(nb)
+    known = _notebook_strings(nb) | set(declared)
+    unknown = sorted(
+        f"{name}: {key!r}"
+        for name, value in parameters.items()
+        for record in _records(value)
+        if not ("model" in record and record["model"] is None)  # a declared gap: skipped, its keys document it
+        for key in record
+        if re.fullmatch(r"\w+", key) and key not in known  # labels ("GFLOPs (linear + patch)") are data, not settings
+    )
+    if unknown:
+        raise ValueError(f"{source} sets {', '.join(dict.fromkeys(unknown))} in {nb.stem}, which it never reads")
 
 
 # --- profiles -----------------------------------------------------------------------------------------------------
@@ -187,6 +230,7 @@ def _notebook_parameters_for_run(
         given = dict(overrides.get(nb.stem[:2], {}))
         _check_declared(nb, from_profile, f"the {profile} profile")
         _check_declared(nb, given, f"--set {nb.stem[:2]}")
+        _check_record_keys(nb, {**from_profile, **given}, f"the {profile} profile" if not given else "the parameters")
         by_stem[nb.stem] = {**from_profile, **given}
     return by_stem
 

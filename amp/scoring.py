@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from amp import distributed
 from amp.adapters import MLPSite
 from amp.criteria import Criterion, check_finite, usable_batches
+from amp.data import check_option
 from amp.io import atomic_write
 
 
@@ -210,6 +211,69 @@ def _batches(loader: Iterable, max_images: int | None) -> Iterator[tuple[torch.T
         seen += len(images)
 
 
+class _ScoringPass:
+    """Gate gradients of one batch, whole or chunked (the two-pass gradient cache of :func:`taylor_scores`)."""
+
+    def __init__(self, backbone, criterion: Criterion, device, autocast_dtype, checkpoint: bool, what: str):
+        self.backbone, self.criterion, self.device, self.what = backbone, criterion, device, what
+        self.autocast_dtype, self.checkpoint = autocast_dtype, checkpoint
+        self.sites = backbone.sites()
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _gates(self, count: int) -> dict[int, torch.Tensor]:
+        return {s.index: torch.ones(count, s.hidden, device=self.device, requires_grad=True) for s in self.sites}
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embed(images, project=self.criterion.needs_projection)
+
+    def _blocks(self):
+        return self.backbone.adapter.blocks(self.backbone.model) if self.checkpoint else ()
+
+    def whole(self, images: torch.Tensor, targets: Any) -> tuple[dict[int, list[torch.Tensor]], torch.Tensor]:
+        """One forward and backward pass of the whole batch."""
+        images = images.to(self.device)
+        gates = self._gates(len(images))
+        with gated(self.sites, gates), checkpointed(self._blocks()):  # open through backward: recomputation needs them
+            with self._autocast():
+                features = self._embed(images)
+            with torch.no_grad():  # the criterion outside autocast: in fp32 (autocast would run its matmuls in bf16)
+                context = self.criterion.context(targets, features.detach())
+            loss = check_finite(self.criterion(features, context), self.what)
+            loss.backward()
+        return {index: [gate.grad.double()] for index, gate in gates.items()}, loss.detach()
+
+    def chunked(
+        self, images: torch.Tensor, targets: Any, chunk_size: int
+    ) -> tuple[dict[int, list[torch.Tensor]], torch.Tensor]:
+        """Pass 1: the features chunk by chunk without a graph (the gates would multiply by one: left out), then the
+        criterion and its gradient on the whole batch's features. Pass 2: every chunk again, with its gates, back-
+        propagating its rows of ∂E/∂features; the gates' gradients are then those of the whole batch."""
+        chunks = images.split(chunk_size)
+        with torch.no_grad(), self._autocast():
+            features = torch.cat([self._embed(chunk.to(self.device)) for chunk in chunks])
+        features.requires_grad_(True)
+        with torch.no_grad():
+            context = self.criterion.context(targets, features.detach())
+        loss = check_finite(self.criterion(features, context), self.what)  # the criterion in fp32, as unchunked
+        loss.backward()
+        grads = features.grad.split(chunk_size)
+        del features
+        per_image: dict[int, list[torch.Tensor]] = {s.index: [] for s in self.sites}
+        for chunk, grad in zip(chunks, grads):
+            gates = self._gates(len(chunk))
+            with gated(self.sites, gates), checkpointed(self._blocks()):
+                with self._autocast():
+                    chunk_features = self._embed(chunk.to(self.device))
+                chunk_features.backward(grad.to(chunk_features.dtype))  # = (chunk_features · grad).sum().backward()
+            for index, gate in gates.items():
+                per_image[index].append(gate.grad.double())
+        return per_image, loss.detach()
+
+
 def taylor_scores(
     backbone,
     loader: Iterable,
@@ -221,6 +285,7 @@ def taylor_scores(
     progress: bool = True,
     checkpoint: bool = False,
     data_name: str = "the scoring data",
+    chunk_size: int | None = None,
 ) -> Scores:
     """First-order Taylor importance of every MLP hidden unit under ``criterion``.
 
@@ -232,6 +297,14 @@ def taylor_scores(
     loader: the criterion is evaluated on the global batch of all ranks, and the scores, summed over
     ranks, equal single-process scores of the same global batches.
 
+    Each loader batch is the criterion's batch (the paper's *global* batch, 1024 images for ViT-g). With
+    ``chunk_size`` smaller than a batch, the batch goes through the model ``chunk_size`` images at a time in two
+    passes (a "gradient cache"): first every chunk's features without a graph, then the criterion and
+    ∂E/∂features on the whole batch, then each chunk again, with the gates, back-propagating its slice of that
+    gradient. The gates' gradients are those of the whole batch (to fp32 rounding), at the peak memory of one
+    chunk plus the batch's features; the cost is one more forward pass per batch. Under torchrun each rank chunks its
+    own share of the global batch.
+
     A batch too small for the criterion (one image for entropy) is left out with a warning, and scores that are all
     zero (nothing the criterion sees depends on the MLPs) are an error; ``data_name`` names the data in messages.
     """
@@ -240,6 +313,7 @@ def taylor_scores(
             f"criterion {criterion.name!r} is minimal at the dense model, so its gradient there is zero and "
             "cannot rank units; score with 'entropy' or 'cross_entropy' and use it in the search instead"
         )
+    check_option("chunk_size", chunk_size, 1, integer=True, optional=True)
     model = backbone.model
     device = torch.device(device or next(model.parameters()).device)
     sites = backbone.sites()
@@ -259,20 +333,14 @@ def taylor_scores(
     bar = tqdm(todo, desc=f"score ({criterion.name})", unit="batch", disable=not progress)
     try:
         for images, targets in bar:
-            images = images.to(device)
-            gates = {s.index: torch.ones(len(images), s.hidden, device=device, requires_grad=True) for s in sites}
-            autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-            blocks = backbone.adapter.blocks(model) if checkpoint else ()
-            with gated(sites, gates), checkpointed(blocks):  # open through backward: recomputation needs them
-                with autocast:
-                    features = backbone.embed(images, project=criterion.needs_projection)
-                    with torch.no_grad():
-                        context = criterion.context(targets, features.detach())
-                    loss = check_finite(criterion(features, context), f"scoring batch {batches}")
-                loss.backward()
+            pass_ = _ScoringPass(backbone, criterion, device, autocast_dtype, checkpoint, f"scoring batch {batches}")
+            if chunk_size is None or chunk_size >= len(images):
+                per_image, loss = pass_.whole(images, targets)
+            else:
+                per_image, loss = pass_.chunked(images, targets, chunk_size)
             for site, total in zip(sites, sums):
-                per_image = gates[site.index].grad.double()  # [B, H] = Σ_t h·∂E/∂h per image
-                total += (per_image if signed else per_image.abs()).sum(0).cpu()
+                for grads in per_image[site.index]:  # [chunk, H] = Σ_t h·∂E/∂h per image
+                    total += (grads if signed else grads.abs()).sum(0).cpu()
             images_seen += len(images)
             batches += 1
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -300,6 +368,7 @@ def taylor_scores(
         "model_fingerprint": model_fingerprint(backbone),
         "dense_widths": [s.hidden for s in sites],
         "world_size": distributed.world_size(),
+        "chunk_size": chunk_size,  # information only: chunking does not change the scores
     }
     return Scores([(total / images_seen).float() for total in sums], meta)
 

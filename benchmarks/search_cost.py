@@ -71,12 +71,14 @@ class Baton:
             self.cond.notify_all()
 
 
-def predicted_speedup(backbone, probes, dense_widths: list[int]) -> float:
+def predicted_speedup(backbone, probes, dense_widths: list[int], stride: int = 1) -> float:
     """full / cached cost in FLOPs, replaying the probes: the ratio a perfectly efficient machine would show.
 
     Full: dense loss, every probe and the final loss run the whole model at the widths of that moment.
-    Cached: the dense-loss pass (which also stashes the block inputs), each probe at layer l runs blocks
-    l..L-1, final loss. Both pay the stem and head per pass (the cached probes run the stem on a zero image).
+    Cached: the dense-loss pass (which also stashes the inputs of every ``stride``-th block), the recomputation of
+    each searched block's inputs from the nearest stash below it (or from the images: stem and blocks 0..l-1, all
+    still dense), each probe at layer l runs blocks l..L-1, final loss. Both pay the stem and head per pass (the
+    cached probes run the stem on a zero image).
     """
     model = build_architecture(backbone.arch, "meta")
     stats = model_stats(types.SimpleNamespace(model=model, adapter=backbone.adapter))
@@ -91,7 +93,11 @@ def predicted_speedup(backbone, probes, dense_widths: list[int]) -> float:
 
     widths = list(dense_widths)
     full = cached = forward(widths)  # dense loss; the cached search stashes its block inputs in the same pass
+    stash = set(range(stride, len(dense_widths), stride))
     for layer in sorted({p.layer for p in probes}, reverse=True):
+        below = [s for s in stash if s <= layer]
+        start = max(below) if below else 0
+        cached += (0 if below else other) + sum(block(i, dense_widths[i]) for i in range(start, layer))
         mine = [p for p in probes if p.layer == layer]
         for probe in mine:
             trial = [*widths[:layer], probe.width, *widths[layer + 1 :]]
@@ -126,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threshold", type=float, default=2e-4)
     parser.add_argument("--scores", choices=["magnitude", "random"], default="magnitude")
     parser.add_argument("--round-to", type=int, default=1)
-    parser.add_argument("--cache-gb", type=float, default=4.0)
+    parser.add_argument("--cache-gb", type=float, default=4.0, help="a small bound: stash thinned, inputs on disk")
+    parser.add_argument("--chunk-size", type=int, default=None, help="run each batch this many images at a time")
+    parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -163,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
                 round_to=args.round_to,
                 cache=name == "cached",
                 cache_gb=args.cache_gb,
+                chunk_size=args.chunk_size,
+                autocast_dtype=torch.bfloat16 if args.autocast == "bf16" else None,
                 device=args.device,
                 progress=False,
                 on_layer_done=next_turn,
@@ -186,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     assert cached.widths == full.widths, f"widths differ:\n cached {cached.widths}\n full   {full.widths}"
     loss_diff = max(abs(a.loss - b.loss) for a, b in zip(cached.probes, full.probes))
     depth, kept = len(cached.widths), cached.kept_fraction
+    stride = cached.config["memory"]["stride"]
     report = {
         "model": args.model,
         "image_size": args.image_size,
@@ -201,7 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
         "cached_s": baton.elapsed["cached"],
         "full_s": baton.elapsed["full"],
         "speedup": baton.elapsed["full"] / baton.elapsed["cached"],
-        "flop_model_speedup": predicted_speedup(base, cached.probes, cached.dense_widths),
+        "flop_model_speedup": predicted_speedup(base, cached.probes, cached.dense_widths, stride),
+        "cache_gb": args.cache_gb,
+        "chunk_size": args.chunk_size,
+        "memory": cached.config["memory"],
         "wall_s": wall,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -214,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"full-model probes {report['full_s']:.1f} s, cached tail {report['cached_s']:.1f} s")
     speed, model = report["speedup"], report["flop_model_speedup"]
     print(f"speedup (full / cached) {speed:.2f}x; FLOP model of the same probes {model:.2f}x")
+    print(f"cache: stash stride {stride}, peak GB {cached.config['memory']['peak_gb']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return report

@@ -228,3 +228,79 @@ def test_flickr30k_images_dir_and_errors(tmp_path):
         load_dataset(f"flickr30k:{tmp_path}:val")
     with pytest.raises(DataSpecError, match=r"dataset_flickr30k\.json"):
         load_dataset(f"flickr30k:{tmp_path / 'images'}")
+
+
+# --- ImageNet class names and clip_benchmark's own data sets ------------------------------------
+
+
+def test_class_names_look_wordnet_ids_up_by_id():
+    from amp.data import class_names, imagenet_subset_wnids
+
+    # independent facts: ImageNet-1K classes 0 and 1 are n01440764 tench and n01443537 goldfish
+    assert class_names(["n01443537", "n01440764"]) == ["goldfish", "tench"]
+    subset = imagenet_subset_wnids("imagenet-r")
+    assert len(subset) == 200 and len(imagenet_subset_wnids("imagenet-a")) == 200 and list(subset) == sorted(subset)
+    assert class_names([str(i) for i in range(1000)])[:2] == ["tench", "goldfish"]  # ImageNetV2's index folders
+    assert class_names(["ankle_boot", "3"]) == ["ankle boot", "3"]  # other names: kept, '_' read as a space
+    with pytest.warns(UserWarning, match="outside ImageNet-1K"):
+        assert class_names(["n99999999"]) == ["n99999999"]
+    with pytest.raises(ValueError, match="no WordNet-id subset"):
+        imagenet_subset_wnids("imagenet-z")
+
+
+def _imagenet_r(root: Path, wnids) -> Path:
+    for i, wnid in enumerate(wnids):
+        _image(root / wnid / f"{i}.png", (i % 256, 0, 0), size=(4, 4))
+    return root
+
+
+def test_clip_benchmark_imagenet_r_from_a_local_folder(tmp_path):
+    from amp.data import BenchmarkDataset, class_names, imagenet_subset_wnids
+
+    wnids = imagenet_subset_wnids("imagenet-r")
+    root = _imagenet_r(tmp_path / "imagenet-r", wnids)
+    data = load_dataset(f"clip_benchmark:imagenet-r:{root}", transform=_to_tensor)
+    assert isinstance(data, BenchmarkDataset) and len(data) == 200 and len(data.classes) == 200
+    assert len(data.templates) == 80  # the OpenAI ImageNet templates
+    # clip_benchmark masks its 1000 names by position; amp's imagefolder looks each folder's id up: the same names
+    assert data.classes == class_names(wnids)
+    image, label = data[5]
+    assert isinstance(label, int) and label == 5 and image.shape == (3, 4, 4) and image[0, 0, 0] == 5 / 255
+    plain = load_dataset(f"imagefolder:{root}")
+    assert class_names(plain.classes) == data.classes and plain.samples[5][1] == 5
+    _, targets = next(iter(make_loader(data, batch_size=4)))
+    assert targets.tolist() == [0, 1, 2, 3]
+
+
+def test_clip_benchmark_refuses_an_incomplete_subset_and_never_downloads(tmp_path):
+    from amp.data import imagenet_subset_wnids
+
+    root = _imagenet_r(tmp_path / "imagenet-r", imagenet_subset_wnids("imagenet-r")[:3])
+    with pytest.raises(DataSpecError, match="3 class folders but clip_benchmark names 200"):
+        load_dataset(f"clip_benchmark:imagenet-r:{root}")
+    with pytest.raises(DataSpecError, match="directory not found"):  # a missing root is where it would download
+        load_dataset(f"clip_benchmark:imagenet-a:{tmp_path / 'missing'}")
+    (tmp_path / "v2").mkdir()
+    with pytest.raises(DataSpecError, match="amp never downloads"):  # ImageNetV2 fetches whatever is missing
+        load_dataset(f"clip_benchmark:imagenetv2:{tmp_path / 'v2'}")
+    with pytest.raises(DataSpecError, match="needs 'clip_benchmark:<name>:<root>"):
+        load_dataset("clip_benchmark:imagenet-r")
+    with pytest.raises(DataSpecError, match="Only `test` split"):
+        load_dataset(f"clip_benchmark:imagenet-r:{root}:train")
+
+
+def test_clip_benchmark_flickr30k_captions(tmp_path):
+    root = tmp_path / "flickr"
+    _image(root / "1.jpg", (255, 0, 0))
+    _image(root / "2.jpg", (0, 255, 0))
+    lines = ["image,caption", "1.jpg,a red square", "1.jpg,red, and square", "2.jpg,a green square"]
+    (root / "flickr30k_test_karpathy.txt").write_text("\n".join(lines) + "\n")
+    data = load_dataset(f"clip_benchmark:flickr30k:{root}:test", transform=_to_tensor)
+    assert len(data) == 2 and data.classes is None
+    assert data.captions == [["a red square", "red, and square"], ["a green square"]]
+    image, captions = data[1]
+    assert captions == ["a green square"] and image[1].mean() == 1.0
+    _, targets = next(iter(make_loader(data, batch_size=2)))
+    assert targets == data.captions
+    with pytest.raises(DataSpecError, match="amp never downloads"):  # no annotation file for this split
+        load_dataset(f"clip_benchmark:flickr30k:{root}:val")

@@ -13,7 +13,9 @@ from conftest import tiny
 import amp.distributed as D
 from amp.criteria import ClassCrossEntropy, ContrastiveCrossEntropy, Criterion, Entropy, KLToDense
 from amp.data import SyntheticImages
+from amp.recovery import calibration_stats, compensate_model
 from amp.scoring import magnitude_scores, taylor_scores
+from amp.surgery import snapshot
 from amp.width_search import amp_search, materialise
 
 WORLD = 2
@@ -60,10 +62,32 @@ def _targets(name, labels, captions, rows):
     return None
 
 
-def _search(backbone, loader, criterion):
+def _search(backbone, loader, criterion, **options):
     return amp_search(
-        backbone, magnitude_scores(backbone), materialise(loader), criterion, threshold=2e-3, steps=4, progress=False
+        backbone,
+        magnitude_scores(backbone),
+        materialise(loader),
+        criterion,
+        threshold=2e-3,
+        steps=4,
+        progress=False,
+        **options,
     )
+
+
+CALIB_TOKENS = 23  # eva_norm at 28 px: 5 tokens per image, so the kept sample ends inside the second global batch
+
+
+def _calibration(loader):
+    """Dense statistics of eva_norm (a hidden-norm site keeps token samples), then an lstsq-compensated copy."""
+    backbone = tiny("eva_norm")
+    stats = calibration_stats(backbone, materialise(loader, progress=False), max_tokens=CALIB_TOKENS, chunk_size=1)
+    states = [snapshot(site) for site in backbone.sites()]
+    scores = magnitude_scores(backbone)
+    widths = [w // 2 for w in backbone.widths()]
+    compensate_model(backbone, states, scores.orders(), widths, stats, method="lstsq")
+    weights = {k: v.clone() for k, v in backbone.model.state_dict().items() if "mlp.fc2" in k}
+    return stats, weights
 
 
 def _worker(rank, port, out_dir):
@@ -78,6 +102,9 @@ def _worker(rank, port, out_dir):
         loader = D.sharded(data, BATCH, seed=SEED)
         scores = taylor_scores(backbone, loader, Entropy(temp_inv=5.0), progress=False)
         result["scores"], result["meta"] = scores.values, scores.meta
+        chunked = taylor_scores(tiny("open_clip"), loader, Entropy(temp_inv=5.0), progress=False, chunk_size=1)
+        result["chunked"] = chunked.values  # each rank chunks its own share (2 or 1 images) of every global batch
+        result["calibration"] = _calibration(D.sharded(SyntheticImages(IMAGES, size=28, seed=SEED), BATCH, seed=SEED))
 
         # a last global batch with fewer images than ranks leaves rank 1 a batch short: refused, no deadlock
         short = D.sharded(SyntheticImages(9, size=32), BATCH, seed=SEED)
@@ -98,6 +125,9 @@ def _worker(rank, port, out_dir):
             result[name] = (loss.item(), local.grad)
 
         result["search"] = _search(tiny("open_clip"), loader, D.GlobalCriterion(KLToDense(temp_inv=5.0)))
+        kl = D.GlobalCriterion(KLToDense(temp_inv=5.0))  # chunks of this rank's share, caches on disk, compensated
+        options = dict(chunk_size=1, cache_gb=1e-9, compensation="bias")
+        result["search_bounded"] = _search(tiny("open_clip"), loader, kl, **options)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -126,6 +156,31 @@ def test_two_processes_score_like_one_process_on_the_global_batch(ranks):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
 
 
+def test_chunked_shares_score_like_one_process_on_the_whole_global_batch(ranks):
+    single_loader = D.sharded(SyntheticImages(IMAGES, size=32, seed=SEED), BATCH, seed=SEED, rank=0, world_size=1)
+    expected = taylor_scores(tiny("open_clip"), single_loader, Entropy(temp_inv=5.0), progress=False)
+    for result in ranks:
+        for got, want in zip(result["chunked"], expected.values):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
+
+
+def test_calibration_statistics_and_compensation_are_those_of_the_union_on_every_rank(ranks):
+    single = D.sharded(SyntheticImages(IMAGES, size=28, seed=SEED), BATCH, seed=SEED, rank=0, world_size=1)
+    stats, weights = _calibration(single)
+    (stats0, weights0), (stats1, weights1) = (result["calibration"] for result in ranks)
+    for layer, want in stats.items():
+        assert want.count == IMAGES * 5 and want.inputs.shape[0] == CALIB_TOKENS
+        for got in (stats0[layer], stats1[layer]):
+            assert got.count == want.count
+            torch.testing.assert_close(got.mean, want.mean, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got.second, want.second, rtol=1e-10, atol=1e-12)
+            assert torch.equal(got.inputs, want.inputs) and torch.equal(got.outputs, want.outputs)  # same tokens, order
+    assert weights0.keys() == weights.keys() and len(weights) > 0
+    for key, want in weights.items():
+        assert torch.equal(weights0[key], weights1[key])  # both ranks compensate the same model
+        torch.testing.assert_close(weights0[key], want, rtol=1e-5, atol=1e-6)
+
+
 def test_local_rows_get_the_gradient_of_the_global_loss_once(ranks):
     features, dense, labels, captions = _global_rows()
     for name, criterion in _criteria().items():
@@ -148,6 +203,15 @@ def test_search_with_a_global_criterion_matches_one_process(ranks):
         assert result["search"].widths == expected.widths
         got = [p.loss for p in result["search"].probes]
         assert got == pytest.approx([p.loss for p in expected.probes], rel=1e-4, abs=1e-7)
+
+
+def test_chunked_bounded_compensated_search_matches_one_process(ranks):
+    single_loader = D.sharded(SyntheticImages(IMAGES, size=32, seed=SEED), BATCH, seed=SEED, rank=0, world_size=1)
+    expected = _search(tiny("open_clip"), single_loader, KLToDense(temp_inv=5.0), compensation="bias")
+    for result in ranks:
+        got = result["search_bounded"]
+        assert got.widths == expected.widths and got.config["memory"]["peak_gb"]["disk"] > 0
+        assert [p.loss for p in got.probes] == pytest.approx([p.loss for p in expected.probes], rel=1e-4, abs=1e-7)
 
 
 def test_a_ragged_last_batch_is_refused_for_scoring(ranks):

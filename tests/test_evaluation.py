@@ -394,3 +394,46 @@ def test_evaluate_is_one_row_with_intervals(tiny_clip):
     assert set(report["intervals"]) == {"zero_shot_top1", "zero_shot_top5"}
     low, high = report["intervals"]["zero_shot_top1"]
     assert low <= report["zero_shot_top1"] <= high
+
+
+# --- class names of ImageNet-style folders, in evaluation and in the class cross-entropy --------------------------
+
+
+def _wnid_folders(root, wnids):
+    from PIL import Image
+
+    for wnid in wnids:
+        (root / wnid).mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(root / wnid / "0.png")
+    return root
+
+
+def test_zero_shot_prompts_name_a_wordnet_subset_by_id(tmp_path):
+    """An ImageNet-A/-R style folder (a subset of the 1000 ids) is named by each folder's id, not by position."""
+    # independent facts: n01443537 goldfish, n01498041 stingray, n12267677 acorn (classes 1, 6 and 988)
+    root = _wnid_folders(tmp_path / "in-a", ["n12267677", "n01443537", "n01498041"])
+    spec = f"imagefolder:{root}"
+    names, templates = zero_shot_prompts(spec, load_dataset(spec))
+    assert names == ["goldfish", "stingray", "acorn"] and templates == imagenet_templates()
+    v2 = [str(i) for i in range(1000)]
+    names, _ = zero_shot_prompts("imagefolder:/v2", type("V2", (), {"classes": sorted(v2)})())
+    assert names[:3] == ["tench", "goldfish", dataset_classnames()[10]]  # sorted as strings: 0, 1, 10, ...
+
+
+def test_class_cross_entropy_prompts_wordnet_folders_by_name(tmp_path):
+    from amp.criteria import ClassCrossEntropy, build_criterion
+
+    root = _wnid_folders(tmp_path / "train", ["n01440764", "n01443537"])
+    backbone, seen = fake_backbone(dim=3), []
+
+    def head(model, classnames, device="cpu"):
+        seen.append(classnames)
+        return torch.arange(6.0).reshape(3, 2)  # (embed_dim 3, classes 2)
+
+    criterion = build_criterion("cross_entropy", backbone, dataset=load_dataset(f"imagefolder:{root}"),
+                                zero_shot_head=head)  # fmt: skip
+    assert seen == [["tench", "goldfish"]] and isinstance(criterion, ClassCrossEntropy)
+    assert criterion.classifier.shape == (2, 3)  # one row per class, from the documented orientation
+    with pytest.raises(ValueError, match=r"\(2, 3\) head for 2 classes; it must be \(embed_dim, 2\)"):
+        build_criterion("cross_entropy", backbone, dataset=load_dataset(f"imagefolder:{root}"),
+                        zero_shot_head=lambda *a, **k: torch.zeros(2, 3))  # fmt: skip

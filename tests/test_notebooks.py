@@ -39,6 +39,7 @@ EXPECTED = {
     "05_retrieval": (["05_retrieval", "05_paired"], ["05_retrieval"]),
     "06_dinov2": (["06_dinov2_knn", "06_dinov2_paired"], ["06_dinov2"]),
     "07_new_backbone": (["07_new_backbone"], ["07_new_backbone_widths"]),
+    "08_peer_comparison": (["08_peer_comparison", "08_paired"], ["08_quality_vs_flops"]),
 }
 
 
@@ -106,7 +107,7 @@ def test_paper_profile_fails_before_running_without_paths(tmp_path: Path):
     assert search["threshold"] == 1e-2 and search["temp_inv"] == 15.0
     assert dino["temp_inv"] == 20.0 and dino["val_data"] == "imagefolder:/i/val"
     assert params["02_importance_criteria"]["classification"] == "imagefolder:/i/val"
-    assert params["04_zero_shot_classification"]["distill"]["steps"] == 5 * 1_281_167 // 512
+    assert params["04_zero_shot_classification"]["models"]["OpenCLIP-g"]["distill_recipe"] == "ViT-g-14"
     assert params["05_retrieval"]["retrieval"]["Flickr30k"] == "flickr30k::test"  # filled, though not checked here
     assert set(params) == {p.stem for p in NOTEBOOKS}
     # an optional path ("{imagenet_val?}") that is not given turns its parameter off instead of stopping the run

@@ -55,6 +55,12 @@ def test_the_wheel_runs_offline_from_outside_the_repository(tmp_path):
     assert int(subset) > 0 and int(full) == 10_000
     assert _run(venv / "bin" / "amp", "--version", cwd=elsewhere).strip() == f"amp {version}"
     assert "demo" in _run(python, "-m", "amp", "--help", cwd=elsewhere)
+    # the README's main job, small: the installed wheel alone finds its zoo model and data and writes the report
+    small = ("--score-images", "64", "--val-images", "64", "--eval-images", "128", "--steps", "2", "--batch-size", "32")
+    _run(venv / "bin" / "amp", "demo", *small, "--out", elsewhere / "demo", cwd=elsewhere)
+    report = (elsewhere / "demo" / "REPORT.md").read_text()
+    assert "zoo:tiny-clip" in report and (elsewhere / "demo" / "MODEL_CARD.md").is_file()
+    assert (elsewhere / "demo" / "amp.json").is_file()
 
 
 def _imported_packages() -> set[str]:

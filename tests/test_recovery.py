@@ -309,3 +309,17 @@ def test_compensated_models_stay_closer_to_the_dense_embedding(name):
         with torch.no_grad():
             cosine[method] = float(torch.cosine_similarity(pruned.embed(images), reference).mean())
     assert cosine["none"] < cosine["bias"] < cosine["lstsq"], cosine
+
+
+def test_chunked_calibration_gives_the_same_statistics():
+    backbone = tiny("eva_norm")
+    batches = _calibration(backbone, n=12, batch=6)
+    whole = calibration_stats(backbone, batches, max_tokens=40)
+    chunked = calibration_stats(backbone, batches, max_tokens=40, chunk_size=4)
+    for layer, want in whole.items():
+        got = chunked[layer]
+        assert got.count == want.count and got.inputs.shape == want.inputs.shape == (40, want.inputs.shape[1])
+        torch.testing.assert_close(got.mean, want.mean)
+        torch.testing.assert_close(got.second, want.second)
+        torch.testing.assert_close(got.inputs, want.inputs)
+        torch.testing.assert_close(got.outputs, want.outputs, rtol=1e-5, atol=1e-6)
