@@ -366,6 +366,15 @@ def interval_text(row, metric: str, digits: int = 3, dataset: str | None = None)
     return f"{row.value(metric, dataset):.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def difference_text(value: float, low: float, high: float, digits: int = 3) -> str:
+    """``"+0.012 [+0.004, +0.020]"``: a paired difference with its interval; where ``digits`` would round an interval
+    that excludes 0 to ``+0.000``, as many more digits as its bound nearest to 0 needs to show."""
+    nearest = min(abs(low), abs(high))
+    if (low > 0 or high < 0) and nearest > 0:
+        digits = max(digits, int(np.floor(-np.log10(nearest))) + 1)
+    return f"{value:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
 # --- notebooks 03-05: a pair-level mean recall, paired verdicts as table rows, error bars from a table --------------
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import re
 import shutil
@@ -290,15 +291,39 @@ def run_notebook(
     import papermill as pm
 
     executed.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(
-        str(notebook),
-        str(executed),
-        parameters=parameters,
-        kernel_name=kernel,
-        cwd=str(cwd or notebook.parent),
-        progress_bar=False,
-        log_output=log_output,
-    )
+    quiet = _DeclaredParameters(notebook_parameters(notebook))
+    logging.getLogger("papermill").addFilter(quiet)
+    try:
+        pm.execute_notebook(
+            str(notebook),
+            str(executed),
+            parameters=parameters,
+            kernel_name=kernel,
+            cwd=str(cwd or notebook.parent),
+            progress_bar=False,
+            log_output=log_output,
+        )
+    finally:
+        logging.getLogger("papermill").removeFilter(quiet)
+
+
+class _DeclaredParameters(logging.Filter):
+    """Drops two papermill warnings that are wrong for amp's notebooks: papermill reads the parameters cell line by
+    line, so it cannot parse ``a = 1; b = 2`` ("Unable to parse line") and then calls the second name an "unknown
+    parameter". :func:`notebook_parameters` reads the cell with ``ast`` and every run checks its names against it
+    first; a name that no line declares still warns."""
+
+    UNKNOWN = "Passed unknown parameter: "
+
+    def __init__(self, declared: Iterable[str]) -> None:
+        super().__init__()
+        self.declared = set(declared)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Unable to parse line "):
+            return False
+        return not (message.startswith(self.UNKNOWN) and message.removeprefix(self.UNKNOWN) in self.declared)
 
 
 def reproduce(

@@ -35,6 +35,7 @@ from amp.data import load_dataset
 from amp.distill import distill
 from amp.evaluation import EvalRow, EvalSuite
 from amp.models import ModelSpecError
+from amp.notebook import add_mean_recall
 from amp.recovery import calibration_stats, compensate_model
 from amp.stats import paired_difference
 from amp.surgery import snapshot
@@ -44,7 +45,7 @@ from amp.width_search import materialise, uniform_widths
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="zoo:tiny-clip")
-    p.add_argument("--data", default="fashion-mnist:test-subset", help="evaluation images (labelled: zero-shot too)")
+    p.add_argument("--data", default="fashion-mnist:test", help="evaluation images (labelled: zero-shot too)")
     p.add_argument(
         "--calib-data", nargs="+", default=["fashion-mnist:train-subset"], help="scoring, search and statistics"
     )
@@ -52,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--knn-train", default="fashion-mnist:train-subset", help="k-NN neighbours ('' to skip k-NN)")
     p.add_argument("--knn-images", type=int, default=1000, help="k-NN neighbours used")
     p.add_argument(
-        "--retrieval-data", default="fmnist-captions:test-subset", help="captioned images for a CLIP ('' to skip)"
+        "--retrieval-data", default="fmnist-captions:test-hard", help="captioned images for a CLIP ('' to skip)"
     )
     p.add_argument("--ratio", type=float, default=0.5, help="uniform kept fraction (without --threshold)")
     p.add_argument("--threshold", type=float, default=None, help="run the AMP search with this threshold instead")
@@ -62,9 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--search-images", type=int, default=256, help="images the search probes on")
     p.add_argument("--score-method", choices=("taylor", "magnitude"), default="taylor")
     p.add_argument("--calib-images", type=int, default=512)
-    p.add_argument("--eval-images", type=int, default=500)
+    p.add_argument("--eval-images", type=int, default=10000)
     p.add_argument("--distill-steps", type=int, default=100, help="0: skip distillation")
-    p.add_argument("--distill-lr", type=float, default=3e-4)
+    p.add_argument("--distill-lr", type=float, default=1e-4)
     p.add_argument(
         "--distill-from", nargs="+", choices=("none", "lstsq"), default=["none", "lstsq"], help="distillation starts"
     )
@@ -153,10 +154,12 @@ def main(argv=None) -> int:
         row = {"variant": name, "mean_cos": cosine.mean().item(), "min_cos": cosine.min().item(), "time_s": seconds}
         if "zero_shot_top1" in result.metrics:
             row["top1"] = result["zero_shot_top1"]
-        if "i2t_R@1" in result.metrics:
-            row["R@1"] = (result["i2t_R@1"] + result["t2i_R@1"]) / 2
+        if "i2t_R@1" in result.outcomes:  # per image: the mean of its two directions, so R@1 gets paired tests too
+            add_mean_recall(result)
+            row["R@1"] = result["mean_R@1"]
         if "knn_top1" in result.metrics:
             row["knn"] = result["knn_top1"]
+        row["interval"] = {m: result.interval(key) for m, key in KEYS.items() if key in result.outcomes}
         rows.append(row)
         measured.append(result)
         print(json.dumps(row), file=sys.stderr, flush=True)
@@ -198,18 +201,41 @@ def main(argv=None) -> int:
         row["recovered"] = {m: recovered(rows[0][m], rows[1][m], row[m]) for m in metrics}
     print(f"\n{spec}  ({how}, {kept:.1%} of MLP units kept, {args.eval_images} eval images, device {args.device})")
     print(table(rows, metrics))
-    print("\n".join(["", "Against pruned only, on the same images (paired, 95 % CI):", *comparisons(measured)]))
+    print(
+        "\n".join(
+            [
+                "",
+                "Paired on the same images (95 % CI): vs dense, vs pruned, vs each distillation's start, by start:",
+                *comparisons(measured),
+            ]
+        )
+    )
     if args.json:
-        meta = {"model": spec, "widths": widths, "how": how, "kept": kept, "device": args.device, "rows": rows}
+        meta = {"model": spec, "widths": widths, "how": how, "kept": kept, "args": vars(args), "rows": rows}
         Path(args.json).write_text(json.dumps(meta, indent=2) + "\n")
     return 0
 
 
 def comparisons(measured: list[EvalRow]) -> list[str]:
-    """Each recovered variant against ``pruned only``: is the gain in zero-shot, k-NN and cosine measurable?"""
-    base = measured[1]
-    keys = [k for k in ("zero_shot_top1", "knn_top1", "fidelity_cosine") if k in base.outcomes]
-    return [f"- {paired_difference(base, row, key).verdict}" for row in measured[2:] for key in keys]
+    """``pruned only`` against ``dense``, each recovered variant against ``pruned only``, each distilled one against
+    ``dense`` (is it back?), each ``+ lstsq + distill`` against ``+ lstsq`` (did the steps help?) and against the plain
+    distillation (did the start help?): is the difference in each metric measurable on the same items?"""
+    by_name = {row.name: row for row in measured}
+    pairs = [(measured[0], measured[1])] + [(measured[1], row) for row in measured[2:]]
+    pairs += [(measured[0], row) for row in measured[2:] if "distill" in row.name]
+    pairs += [(by_name["+ lstsq"], row) for row in measured if row.name.startswith("+ lstsq +")]  # vs its start
+    pairs += [
+        (by_name[row.name.removeprefix("+ lstsq ")], row)
+        for row in measured
+        if row.name.startswith("+ lstsq +") and row.name.removeprefix("+ lstsq ") in by_name
+    ]
+    keys = [k for k in KEYS.values() if k in measured[1].outcomes]
+    return [
+        f"- {paired_difference(a, b, key).verdict}"
+        for a, b in pairs
+        for key in keys
+        if key in a.outcomes  # dense has no cosine outcomes (it is the reference)
+    ]
 
 
 def recovered(dense: float, pruned: float, value: float) -> float | None:
@@ -219,6 +245,7 @@ def recovered(dense: float, pruned: float, value: float) -> float | None:
 
 
 LABELS = {"top1": "zero-shot", "R@1": "mean R@1", "knn": "k-NN", "mean_cos": "cos"}
+KEYS = {"top1": "zero_shot_top1", "R@1": "mean_R@1", "knn": "knn_top1", "mean_cos": "fidelity_cosine"}
 
 
 def table(rows: list[dict], metrics: list[str]) -> str:
@@ -227,12 +254,20 @@ def table(rows: list[dict], metrics: list[str]) -> str:
     head = ["variant", *names, "min cos", f"recovered ({', '.join(names)})", "time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for row in rows:
-        cells = [row["variant"], *(f"{row[m]:.3f}" for m in metrics), f"{row['min_cos']:.3f}"]
+        cells = [row["variant"], *(with_interval(row, m) for m in metrics), f"{row['min_cos']:.3f}"]
         share = row.get("recovered")
         cells.append(", ".join("–" if share[m] is None else f"{share[m]:.0%}" for m in metrics) if share else "–")
         cells.append("–" if row["time_s"] is None else f"{row['time_s']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def with_interval(row: dict, metric: str) -> str:
+    """``0.873 [0.866, 0.879]``: the value and its 95 % interval over the evaluation items (none for dense cosine)."""
+    low, high = row["interval"].get(metric, (None, None))
+    if low is None or (row["variant"] == "dense" and metric == "mean_cos"):
+        return f"{row[metric]:.3f}"
+    return f"{row[metric]:.3f} [{low:.3f}, {high:.3f}]"
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ def test_near_miss_groups_differ_in_one_attribute():
     assert len(data) == 1_000 and len(set(data.captions)) == 1_000  # one right answer per query
     assert data.captions == fashion.near_miss_split().captions  # deterministic
     group = fashion.NearMissFashion.GROUP
+
     def attributes(i: int) -> list:
         items = [(int(data.colour[i, k]), int(data.size[i, k]), int(data.item_labels[data.item[i, k]])) for k in (0, 1)]
         return [*items, data.position[i]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -356,3 +357,19 @@ def check_rendered(tmp_path: Path, figures: Path) -> None:
     assert share["MLP share of params"].between(0.5, 0.9).all()
     timings = pd.read_csv(tmp_path / "timings.csv")
     assert len(timings) == len(EXPECTED)
+
+
+def test_papermill_warns_only_about_undeclared_parameters(tmp_path: Path, caplog):
+    """papermill reads ``a = 1; b = 2`` as one parameter; the runner, which reads the cell with ``ast``, keeps its
+    "unknown parameter" warning for names no line declares."""
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('a = 1; b = 2\nout_dir = "x"\nfig_dir = "y"')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("assert (a, b) == (1, 3)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "01_p.ipynb")
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        rp.run_notebook(tmp_path / "01_p.ipynb", tmp_path / "out.ipynb", {"b": 3, "c": 4})
+    warnings = [r.getMessage() for r in caplog.records if r.name == "papermill" and r.levelno >= logging.WARNING]
+    assert warnings == ["Passed unknown parameter: c"]
+    assert not logging.getLogger("papermill").filters  # removed again

@@ -19,8 +19,13 @@ from amp.notebook import distill_length, search_options, speed_options, without_
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "paper_profile.md"
-DOCUMENTED = ("02_importance_criteria", "03_adaptive_search", "04_zero_shot_classification", "05_retrieval",
-              "06_dinov2")
+DOCUMENTED = (
+    "02_importance_criteria",
+    "03_adaptive_search",
+    "04_zero_shot_classification",
+    "05_retrieval",
+    "06_dinov2",
+)
 HEADER = "| parameter | paper | profile | source |"
 
 

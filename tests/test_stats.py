@@ -120,3 +120,13 @@ def test_no_verdict_when_the_interval_and_the_exact_test_disagree():
     assert not borderline.significant and "no difference measured" in borderline.verdict
     clear = PairedDifference("top-1", "a", "b", 0.003, 0.0011, 0.0059, 0.004, "exact McNemar", 10_000)
     assert clear.significant and "b is higher than a" in clear.verdict
+
+
+def test_a_difference_that_excludes_zero_never_prints_as_zero():
+    from amp.notebook import difference_text
+
+    assert difference_text(0.0123, 0.0041, 0.0205) == "+0.012 [+0.004, +0.021]"  # 3 digits are enough
+    tiny = difference_text(0.0003, 0.00012, 0.00051)  # measured, but below 3-digit rounding
+    assert tiny == "+0.0003 [+0.0001, +0.0005]" and "+0.000 " not in tiny
+    assert difference_text(-0.0006, -0.0011, -0.00004) == "-0.00060 [-0.00110, -0.00004]"
+    assert difference_text(0.0002, -0.0001, 0.0005) == "+0.000 [-0.000, +0.001]"  # contains 0: 3 digits
